@@ -1,0 +1,40 @@
+"""Errors the CLI turns into a one-line message and an exit code (no traceback).
+
+Exit codes scripts can rely on:
+
+* 0 -- success
+* 1 -- an unexpected bug (a traceback is printed)
+* 2 -- bad command-line usage (argparse's own convention)
+* 3 -- bad input: a data file, checkpoint, codes file or config that is wrong
+* 4 -- a dataset file is missing (the message says what to get and where)
+"""
+
+from __future__ import annotations
+
+
+class ConMHError(Exception):
+    """Base class: a problem the user can fix, reported without a traceback."""
+
+    exit_code = 3
+
+
+class DataError(ConMHError):
+    """A dataset file is malformed (wrong key, shape, dtype, count, values)."""
+
+
+class MissingDataError(DataError):
+    """A dataset file that should exist does not."""
+
+    exit_code = 4
+
+
+class CheckpointError(ConMHError):
+    """A checkpoint cannot be loaded into the chosen architecture."""
+
+
+class CodesError(ConMHError):
+    """A codes file is malformed."""
+
+
+class ConfigError(ConMHError):
+    """A configuration value makes no sense."""
