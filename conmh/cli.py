@@ -1,0 +1,216 @@
+"""The ``conmh`` command: train, encode, lsh, evaluate, verify.
+
+Exit codes (see ``conmh.errors``): 0 ok, 1 bug, 2 usage, 3 bad input,
+4 missing dataset file. Errors a user can cause print one line, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .errors import ConMHError
+
+EPILOG = "exit codes: 0 ok, 1 unexpected error, 2 bad usage, 3 bad input (data, checkpoint, codes, config), 4 missing dataset file"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _ks(text: str) -> tuple[int, ...]:
+    try:
+        ks = tuple(int(k) for k in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not ks or min(ks) < 1:
+        raise argparse.ArgumentTypeError("every K must be a positive integer")
+    return ks
+
+
+def _add_dataset_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", required=True, choices=["fcvid", "activitynet", "yfcc"],
+                   help="which official layout the data folder follows (REFERENCE §2)")
+    p.add_argument("--data-dir", required=True, type=Path,
+                   help="folder holding the dataset's feature (.h5) and label (.mat) files")
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto",
+                   help="torch device: auto (CUDA when present, else CPU), cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="do not draw progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="conmh", description="ConMH self-supervised video hashing (AAAI 2023): train, encode, evaluate.",
+        epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=f"conmh {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("verify", help="check a dataset folder against its official layout", epilog=EPILOG,
+                       description="Check every file of a dataset: keys, shapes, dtypes, frame counts, dims, "
+                                   "label rows, finite values; record each file's sha256.")
+    p.add_argument("dataset", choices=["fcvid", "activitynet", "yfcc"], help="dataset layout to check")
+    p.add_argument("data_dir", type=Path, help="folder holding the dataset's files")
+    p.add_argument("--real", action="store_true",
+                   help="also require the real release's video counts and feature dims (REFERENCE §2)")
+    p.add_argument("--no-checksums", action="store_true", help="skip the sha256 of each file")
+    p.add_argument("--report", type=Path, help="write the verification report (JSON) here")
+
+    p = sub.add_parser("train", help="train ConMH on a dataset's training split", epilog=EPILOG,
+                       description="Train ConMH with the paper's recipe for the dataset (REFERENCE §4); any "
+                                   "recipe value can be overridden. Writes OUT/checkpoint.pt every epoch, "
+                                   "OUT/train_log.jsonl, and OUT/model.pt after the last epoch.")
+    _add_dataset_args(p)
+    p.add_argument("--bits", required=True, type=_positive_int, help="code length (the paper: 16, 32, 64)")
+    p.add_argument("--out-dir", required=True, type=Path, help="folder for checkpoint, log and final model")
+    p.add_argument("--preset", default="small", choices=["mini", "small", "base", "large"],
+                   help="encoder size; every paper number uses small (default: small)")
+    p.add_argument("--epochs", type=_positive_int, help="epochs to train; the final weights are kept (paper: 800/500/40)")
+    p.add_argument("--batch-size", type=_positive_int, help="videos per batch (paper: 512/128/128)")
+    p.add_argument("--lr", type=float, help="initial learning rate (paper: 1e-4; x0.9 every 20 epochs, floor 1e-5)")
+    p.add_argument("--mask-ratio", type=float, help="fraction of frames masked per view (paper: 0.75/0.5/0.75)")
+    p.add_argument("--alpha", type=float, help="weight of the contrastive loss (paper: 1.0/0.2/1.0)")
+    p.add_argument("--temperature", type=float, help="contrastive temperature t (paper: 0.5)")
+    p.add_argument("--tau-plus", type=float, help="class prior tau+ of the debiased loss (paper: 0.1/0.05/0.1)")
+    p.add_argument("--seed", type=int, help="random seed (paper: 1)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
+    _add_runtime_args(p)
+
+    p = sub.add_parser("encode", help="encode a dataset's database and queries to a codes file", epilog=EPILOG,
+                       description="Encode with all frames visible, frame mean, sign (an exact 0 gives +1). "
+                                   "Checkpoints from `conmh train` record their architecture; for the authors' "
+                                   "released checkpoints give --bits (and --preset if not small).")
+    p.add_argument("--checkpoint", required=True, type=Path, help="model.pt of `conmh train`, or an official .pth")
+    _add_dataset_args(p)
+    p.add_argument("--out", required=True, type=Path, help="codes file to write (HDF5)")
+    p.add_argument("--bits", type=_positive_int, help="code length of an official checkpoint")
+    p.add_argument("--preset", default="small", choices=["mini", "small", "base", "large"],
+                   help="architecture of an official checkpoint (default: small)")
+    p.add_argument("--batch-size", type=_positive_int, default=1024, help="videos per forward pass (default: 1024)")
+    _add_runtime_args(p)
+
+    p = sub.add_parser("lsh", help="LSH baseline codes: random projection of mean-pooled features", epilog=EPILOG)
+    _add_dataset_args(p)
+    p.add_argument("--bits", required=True, type=_positive_int, help="code length")
+    p.add_argument("--out", required=True, type=Path, help="codes file to write (HDF5)")
+    p.add_argument("--seed", type=int, default=1, help="seed of the random hyperplanes (default: 1)")
+
+    p = sub.add_parser("evaluate", help="mAP@K of a codes file", epilog=EPILOG,
+                       description="Hamming ranking, mAP@K as REFERENCE §5 defines it; equal distances are "
+                                   "ranked by ascending database index.")
+    p.add_argument("codes", type=Path, help="codes file written by `conmh encode` or `conmh lsh`")
+    p.add_argument("--out", required=True, type=Path, help="metrics file to write (JSON)")
+    p.add_argument("--ks", type=_ks, default=(5, 10, 20, 40, 60, 80, 100),
+                   help="comma-separated cut-offs K (default: 5,10,20,40,60,80,100)")
+    return parser
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def cmd_verify(args: argparse.Namespace) -> None:
+    from .atomic import write_text_atomic
+    from .data import verify_dataset
+
+    report = verify_dataset(args.dataset, args.data_dir, real=args.real, checksums=not args.no_checksums)
+    if args.report:
+        write_text_atomic(args.report, json.dumps(report, indent=2) + "\n")
+    print(f"{args.dataset}: {len(report['files'])} files OK in {args.data_dir} "
+          f"({report['frames']} frames x {report['feature_dim']} dims; counts {report['counts']})")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .data import open_split
+    from .model import ModelConfig
+    from .recipes import get_recipe
+    from .train import train
+
+    _set_threads(args.threads)
+    recipe = get_recipe(args.dataset).replace(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, mask_ratio=args.mask_ratio, alpha=args.alpha,
+        temperature=args.temperature, tau_plus=args.tau_plus, seed=args.seed)
+    with open_split(args.dataset, args.data_dir, "train") as feats:
+        cfg = ModelConfig.from_preset(args.preset, feature_dim=feats.dim, frames=feats.frames, nbits=args.bits)
+        result = train(feats, cfg, recipe, args.out_dir, device=args.device, resume=args.resume,
+                       progress=not args.no_progress, meta={"dataset": args.dataset, "preset": args.preset})
+    last = result.log[-1] if result.log else {}
+    print(f"trained {result.epochs_done} epochs -> {result.final_model} (final loss {last.get('loss', float('nan')):.4f})")
+
+
+def cmd_encode(args: argparse.Namespace) -> None:
+    from .codes import write_codes
+    from .data import open_split
+    from .encode import encode_dataset
+    from .model import ModelConfig
+
+    _set_threads(args.threads)
+    cfg = None
+    if args.bits is not None:
+        with open_split(args.dataset, args.data_dir, "database") as feats:
+            cfg = ModelConfig.from_preset(args.preset, feature_dim=feats.dim, frames=feats.frames, nbits=args.bits)
+    codes = encode_dataset(args.checkpoint, args.dataset, args.data_dir, cfg=cfg, device=args.device,
+                           batch_size=args.batch_size, progress=not args.no_progress)
+    write_codes(args.out, codes)
+    print(f"{args.dataset}: {len(codes.database)} database codes of {codes.bits} bits -> {args.out}")
+
+
+def cmd_lsh(args: argparse.Namespace) -> None:
+    from .codes import write_codes
+    from .encode import lsh_codes
+
+    codes = lsh_codes(args.dataset, args.data_dir, args.bits, seed=args.seed)
+    write_codes(args.out, codes)
+    print(f"{args.dataset}: LSH {codes.bits}-bit codes -> {args.out}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from .atomic import write_text_atomic
+    from .codes import read_codes
+    from .metrics import evaluate
+    from .model import file_sha256
+
+    tic = time.perf_counter()
+    codes = read_codes(args.codes)
+    metrics = evaluate(codes, ks=args.ks)
+    metrics["codes_sha256"] = file_sha256(args.codes)
+    write_text_atomic(args.out, json.dumps(metrics, indent=2) + "\n")
+    summary = ", ".join(f"mAP@{k} {metrics['map'][str(k)]:.4f}" for k in args.ks)
+    print(f"{codes.dataset} {codes.method} {codes.bits} bits: {summary} ({time.perf_counter() - tic:.1f}s)")
+
+
+COMMANDS = {"verify": cmd_verify, "train": cmd_train, "encode": cmd_encode, "lsh": cmd_lsh, "evaluate": cmd_evaluate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except ConMHError as exc:
+        print(f"conmh {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except OSError as exc:  # unwritable output, disk full, ...
+        print(f"conmh {args.command}: error: {exc}", file=sys.stderr)
+        return ConMHError.exit_code
+    except KeyboardInterrupt:
+        print(f"conmh {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""The two masked views and the two losses of ConMH training (REFERENCE §4)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Views:
+    """Frame indices of the two complementary masked views, each (2B, ·), sorted ascending.
+
+    Rows 0..B-1 are view 1 of each video, rows B..2B-1 view 2 of the same videos.
+    """
+
+    visible: torch.Tensor  # (2B, v)
+    masked: torch.Tensor  # (2B, T - v)
+
+
+def num_visible(frames: int, mask_ratio: float) -> int:
+    """``T - int(mask_ratio * T)``, as the official code counts it."""
+    if not 0.0 <= mask_ratio < 1.0:
+        raise ValueError(f"mask ratio must be in [0, 1), got {mask_ratio}")
+    return frames - int(mask_ratio * frames)
+
+
+def two_views(batch: int, frames: int, mask_ratio: float, generator: torch.Generator | None = None) -> Views:
+    """Shuffle each video's frame indices once; view 1 sees the first v, view 2 the last v.
+
+    With the paper's ratios (0.75 of 25, 0.5 of 30) the two visible sets are
+    disjoint. Indices inside each group are sorted ascending: the official code
+    selects frames with a boolean mask, which keeps frame order.
+    """
+    v = num_visible(frames, mask_ratio)
+    perm = torch.rand(batch, frames, generator=generator).argsort(dim=1)
+    vis1, vis2 = perm[:, :v], perm[:, frames - v :]
+    mask1, mask2 = perm[:, v:], perm[:, : frames - v]
+    visible = torch.cat([vis1, vis2]).sort(dim=1).values
+    masked = torch.cat([mask1, mask2]).sort(dim=1).values
+    return Views(visible=visible, masked=masked)
+
+
+def gather_frames(feats: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows of ``feats`` (B, T, D) at frame indices ``idx`` (2B, k), the batch taken twice."""
+    b = feats.shape[0]
+    rows = torch.arange(idx.shape[0], device=feats.device) % b
+    return feats[rows[:, None], idx]
+
+
+def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MSE of each view's masked frames, summed over the two views (halves of the batch)."""
+    b = pred.shape[0] // 2
+    pred, target = pred.float(), target.float()
+    return F.mse_loss(pred[:b], target[:b]) + F.mse_loss(pred[b:], target[b:])
+
+
+def debiased_contrastive_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float, tau_plus: float) -> torch.Tensor:
+    """Debiased contrastive loss (Chuang et al., 2020) between two views' video codes.
+
+    For each of the 2B anchors u with positive u+: pos = exp(<u,u+>/t),
+    neg = sum of exp(<u,v>/t) over the 2B-2 other samples,
+    Ng = max((neg - tau+ (2B-2) pos) / (1 - tau+), (2B-2) e^(-1/t)),
+    loss = mean of -log(pos / (pos + Ng)), on L2-normalised codes.
+    """
+    b = z1.shape[0]
+    if b < 2:
+        raise ValueError("the contrastive loss needs at least 2 videos in a batch")
+    u = F.normalize(torch.cat([z1, z2]).float(), dim=1)
+    sim = torch.exp(u @ u.T / temperature)
+    idx = torch.arange(2 * b, device=u.device)
+    partner = (idx + b) % (2 * b)
+    pos = sim[idx, partner]
+    n_neg = 2 * b - 2
+    excluded = (idx[:, None] == idx[None, :]) | (partner[:, None] == idx[None, :])
+    neg = sim.masked_fill(excluded, 0.0).sum(dim=1)
+    ng = (neg - tau_plus * n_neg * pos) / (1 - tau_plus)
+    ng = ng.clamp(min=n_neg * math.exp(-1 / temperature))
+    return -torch.log(pos / (pos + ng)).mean()
