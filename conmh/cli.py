@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -85,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tau-plus", type=float, help="class prior tau+ of the debiased loss (paper: 0.1/0.05/0.1)")
     p.add_argument("--seed", type=int, help="random seed (paper: 1)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
+    p.add_argument("--data-mode", default="auto", choices=["auto", "memory", "stream"],
+                   help="memory: hold the training array in RAM (or GPU memory, bf16, on CUDA); stream: read HDF5 "
+                        "in shuffled blocks with bounded memory; auto: memory when it fits (default: auto)")
     _add_runtime_args(p)
 
     p = sub.add_parser("encode", help="encode a dataset's database and queries to a codes file", epilog=EPILOG,
@@ -134,22 +138,50 @@ def cmd_verify(args: argparse.Namespace) -> None:
           f"({report['frames']} frames x {report['feature_dim']} dims; counts {report['counts']})")
 
 
+def _init_distributed(device: str) -> bool:
+    """Join the process group when started by torchrun (WORLD_SIZE > 1)."""
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return True
+
+
 def cmd_train(args: argparse.Namespace) -> None:
+    import torch.distributed as dist
+
+    _set_threads(args.threads)
+    joined = _init_distributed(args.device)
+    try:
+        _train(args)
+    finally:
+        if joined:
+            dist.destroy_process_group()
+
+
+def _train(args: argparse.Namespace) -> None:
     from .data import open_split
     from .model import ModelConfig
     from .recipes import get_recipe
     from .train import train
 
-    _set_threads(args.threads)
     recipe = get_recipe(args.dataset).replace(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, mask_ratio=args.mask_ratio, alpha=args.alpha,
         temperature=args.temperature, tau_plus=args.tau_plus, seed=args.seed)
     with open_split(args.dataset, args.data_dir, "train") as feats:
         cfg = ModelConfig.from_preset(args.preset, feature_dim=feats.dim, frames=feats.frames, nbits=args.bits)
         result = train(feats, cfg, recipe, args.out_dir, device=args.device, resume=args.resume,
-                       progress=not args.no_progress, meta={"dataset": args.dataset, "preset": args.preset})
+                       progress=not args.no_progress, data_mode=args.data_mode,
+                       meta={"dataset": args.dataset, "preset": args.preset})
     last = result.log[-1] if result.log else {}
-    print(f"trained {result.epochs_done} epochs -> {result.final_model} (final loss {last.get('loss', float('nan')):.4f})")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"trained {result.epochs_done} epochs -> {result.final_model} "
+              f"(final loss {last.get('loss', float('nan')):.4f})")
 
 
 def cmd_encode(args: argparse.Namespace) -> None:

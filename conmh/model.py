@@ -236,6 +236,13 @@ class ConMH(nn.Module):
                 nn.init.zeros_(m.bias)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
 
+    def forward(
+        self, visible_feats: torch.Tensor, visible_idx: torch.Tensor, masked_idx: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training pass: per-frame codes of the visible frames and the masked frames' predictions."""
+        codes = self.frame_codes(visible_feats, visible_idx)
+        return codes, self.reconstruct(codes, visible_idx, masked_idx)
+
     def frame_codes(self, feats: torch.Tensor, frame_idx: torch.Tensor | None = None) -> torch.Tensor:
         """Per-frame {-1, +1} codes (B, V, nbits) of the given frames."""
         return binary_activation(self.ln(self.binary(self.encoder(feats, frame_idx))))

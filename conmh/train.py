@@ -6,6 +6,12 @@ randomness of an epoch (video order, masks) is drawn from a generator seeded by
 ``(seed, epoch)``, so a resumed run gives the same weights as an uninterrupted
 one. After ``recipe.epochs`` epochs the weights are kept as ``model.pt``
 (official format, plus the architecture).
+
+Under ``torchrun`` (several processes, ``torch.distributed`` initialised) the
+model is wrapped in DistributedDataParallel, each rank trains on its share of
+every global batch of ``recipe.batch_size`` videos, and the contrastive loss
+is computed over the whole global batch (codes gathered from all ranks), as in
+the official single-process run. Rank 0 alone writes files.
 """
 
 from __future__ import annotations
@@ -19,10 +25,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.nn as dist_nn
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .atomic import atomic_path, write_text_atomic
 from .errors import CheckpointError, ConfigError
+from .loader import ResidentBatches, StreamingBatches
 from .losses import debiased_contrastive_loss, gather_frames, reconstruction_loss, two_views
 from .model import ConMH, ModelConfig
 from .recipes import Recipe
@@ -32,15 +43,21 @@ FINAL_MODEL = "model.pt"
 LOG = "train_log.jsonl"
 CHECKPOINT_FORMAT = "conmh-train-1"
 
-# Training arrays up to this size are loaded whole; larger ones are read batch
-# by batch from the HDF5 files.
+# Training arrays up to this size are held in host memory; larger ones are
+# streamed from HDF5 (data mode "auto").
 IN_MEMORY_LIMIT_BYTES = 4 << 30
+# On CUDA the array is held in GPU memory in bf16 when it takes at most this
+# fraction of the free GPU memory.
+GPU_RESIDENT_FRACTION = 0.5
+DATA_MODES = ("auto", "memory", "stream")
 
 
 def select_device(name: str = "auto") -> torch.device:
-    """``auto``: CUDA when present, else CPU."""
+    """``auto``: CUDA when present (this process's local rank under torchrun), else CPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} asked for, but CUDA is not available on this machine")
     try:
@@ -49,42 +66,32 @@ def select_device(name: str = "auto") -> torch.device:
         raise ConfigError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from None
 
 
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """The generator of one epoch's randomness: a function of (seed, epoch) only."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+def epoch_generator(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
+    """The generator of one epoch's masks: a function of (seed, epoch, rank) only."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1024 + rank)
 
 
-def epoch_batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """A random permutation cut into batches; the last partial batch is dropped
-    (a contrastive batch needs its full set of negatives) unless it is the only one."""
-    order = torch.randperm(n, generator=generator)
-    if n <= batch_size:
-        return [order]
-    return list(order[: n - n % batch_size].split(batch_size))
+def make_batches(feats, device: torch.device, mode: str = "auto") -> ResidentBatches | StreamingBatches:
+    """Pick where batches come from (see ``conmh.loader``)."""
+    if mode not in DATA_MODES:
+        raise ConfigError(f"data mode must be one of {DATA_MODES}, got {mode!r}")
+    if isinstance(feats, np.ndarray):
+        return ResidentBatches(feats, device)
+    nbytes = feats.n * feats.frames * feats.dim * 4
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if mode == "memory" or (mode == "auto" and nbytes / 2 <= GPU_RESIDENT_FRACTION * free):
+            return ResidentBatches(feats, device, dtype=torch.bfloat16)
+        return StreamingBatches(feats)
+    if mode == "memory" or (mode == "auto" and nbytes <= IN_MEMORY_LIMIT_BYTES):
+        return ResidentBatches(feats, device)
+    return StreamingBatches(feats)
 
 
-class TrainingArray:
-    """The training features, whole in memory (on the training device) or read lazily per batch."""
-
-    def __init__(self, feats, device: torch.device, in_memory: bool | None = None) -> None:
-        self.source = feats
-        if isinstance(feats, np.ndarray):
-            self.n, self.frames, self.dim = feats.shape
-        else:  # a lazy conmh.data.FeatureFiles
-            self.n, self.frames, self.dim = feats.n, feats.frames, feats.dim
-        nbytes = self.n * self.frames * self.dim * 4
-        self.in_memory = nbytes <= IN_MEMORY_LIMIT_BYTES if in_memory is None else in_memory
-        self.device = device
-        self.resident: torch.Tensor | None = None
-        if self.in_memory:
-            array = feats if isinstance(feats, np.ndarray) else feats.read(0, self.n)
-            self.resident = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(device)
-
-    def batch(self, idx: torch.Tensor) -> torch.Tensor:
-        if self.resident is not None:
-            return self.resident[idx.to(self.device)]
-        rows = self.source[idx.numpy()] if isinstance(self.source, np.ndarray) else self.source.take(idx.numpy())
-        return torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)).to(self.device, non_blocking=True)
+def _distributed() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 @dataclass
@@ -94,16 +101,23 @@ class StepOutput:
     contrast: torch.Tensor
 
 
-def training_step(model: ConMH, feats: torch.Tensor, recipe: Recipe, generator: torch.Generator) -> StepOutput:
-    """Loss of one batch (B, T, D): both masked views in one batched forward pass."""
+def training_step(model: nn.Module, feats: torch.Tensor, recipe: Recipe, generator: torch.Generator) -> StepOutput:
+    """Loss of one batch (B, T, D): both masked views in one batched forward pass.
+
+    ``model`` is a ConMH or a DistributedDataParallel around one; in the latter
+    case the contrastive loss sees the video codes of every rank's batch.
+    """
     b, t, _ = feats.shape
     views = two_views(b, t, recipe.mask_ratio, generator)
     visible, masked = views.visible.to(feats.device), views.masked.to(feats.device)
-    codes = model.frame_codes(gather_frames(feats, visible), visible)  # (2B, v, bits)
-    pred = model.reconstruct(codes, visible, masked)  # (2B, m, D)
+    codes, pred = model(gather_frames(feats, visible), visible, masked)  # (2B, v, bits), (2B, m, D)
     recon = reconstruction_loss(pred, gather_frames(feats, masked))
     video = codes.float().mean(dim=1)
-    contrast = debiased_contrastive_loss(video[:b], video[b:], recipe.temperature, recipe.tau_plus)
+    z1, z2 = video[:b], video[b:]
+    if _distributed()[1] > 1:  # all ranks' codes, with gradients flowing back to their owners
+        z1 = torch.cat(dist_nn.all_gather(z1))
+        z2 = torch.cat(dist_nn.all_gather(z2))
+    contrast = debiased_contrastive_loss(z1, z2, recipe.temperature, recipe.tau_plus)
     return StepOutput(recon + recipe.alpha * contrast, recon, contrast)
 
 
@@ -159,7 +173,7 @@ def train(
     resume: bool = False,
     progress: bool = True,
     stop_after: int | None = None,
-    in_memory: bool | None = None,
+    data_mode: str = "auto",
     meta: dict | None = None,
 ) -> TrainResult:
     """Train ConMH on ``feats`` ((N, T, D) array or a lazy ``FeatureFiles``).
@@ -168,9 +182,19 @@ def train(
     be resumed later), used to interrupt runs in tests.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    rank, world = _distributed()
+    lead = rank == 0
+    if lead:
+        out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path, log_path, final_path = out_dir / CHECKPOINT, out_dir / LOG, out_dir / FINAL_MODEL
     dev = select_device(device)
+    n, frames, dim = feats.shape if isinstance(feats, np.ndarray) else (feats.n, feats.frames, feats.dim)
+    if (frames, dim) != (cfg.frames, cfg.feature_dim):
+        raise ConfigError(
+            f"training features have {frames} frames x {dim} dims, the model expects {cfg.frames} x {cfg.feature_dim}"
+        )
+    if n < 2 * world:
+        raise ConfigError(f"training needs at least 2 videos per process, got {n} for {world} process(es)")
     torch.manual_seed(recipe.seed)
     model = ConMH(cfg).to(dev)
     optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=0.0)
@@ -186,68 +210,69 @@ def train(
         saved = {k: v for k, v in state["recipe"].items() if k != "epochs"}
         if saved != {k: v for k, v in recipe.to_dict().items() if k != "epochs"}:
             raise ConfigError(f"{ckpt_path}: saved recipe {state['recipe']} differs from {recipe.to_dict()}")
-        model.load_state_dict(state["model_state_dict"])
-        optimizer.load_state_dict(state["optimizer_state_dict"])
         start = int(state["epoch"])
         if start > recipe.epochs:
             raise ConfigError(f"{ckpt_path}: the run already has {start} epochs, more than the {recipe.epochs} asked for")
+        model.load_state_dict(state["model_state_dict"])
+        optimizer.load_state_dict(state["optimizer_state_dict"])
     log = _read_log(log_path, start)
-    write_text_atomic(log_path, "".join(json.dumps(e) + "\n" for e in log))
+    if lead:
+        write_text_atomic(log_path, "".join(json.dumps(e) + "\n" for e in log))
 
-    data = TrainingArray(feats, dev, in_memory)
-    if data.n < 2:
-        raise ConfigError(f"training needs at least 2 videos (a contrastive pair of batches), got {data.n}")
-    if (data.frames, data.dim) != (cfg.frames, cfg.feature_dim):
-        raise ConfigError(
-            f"training features have {data.frames} frames x {data.dim} dims, the model expects "
-            f"{cfg.frames} x {cfg.feature_dim}"
-        )
+    batches = make_batches(feats, dev, data_mode)
+    net: nn.Module = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None) \
+        if world > 1 else model
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
     end = recipe.epochs if stop_after is None else min(recipe.epochs, stop_after)
-    model.train()
+    net.train()
     for epoch in range(start, end):
         lr = recipe.lr_at(epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        gen = epoch_generator(recipe.seed, epoch)
-        batches = epoch_batches(data.n, recipe.batch_size, gen)
-        sums = torch.zeros(3, dtype=torch.float64)
-        videos = 0
+        gen = epoch_generator(recipe.seed, epoch, rank)
+        sums = torch.zeros(4, dtype=torch.float64)  # loss, recon, contrast (x videos), videos
         tic = time.perf_counter()
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{recipe.epochs}", disable=not progress, leave=False)
-        for idx in bar:
-            x = data.batch(idx)
+        bar = tqdm(batches.epoch(recipe.seed, epoch, recipe.batch_size, rank, world),
+                   total=max(1, n // recipe.batch_size), desc=f"epoch {epoch + 1}/{recipe.epochs}",
+                   disable=not (progress and lead), leave=False)
+        for x in bar:
+            x = x.to(dev, non_blocking=True)
             with autocast:
-                out = training_step(model, x, recipe, gen)
+                out = training_step(net, x, recipe, gen)
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             optimizer.step()
             parts = torch.stack([out.loss.detach(), out.recon.detach(), out.contrast.detach()]).double().cpu()
-            sums += parts * len(idx)
-            videos += len(idx)
-            if progress:
+            sums += torch.cat([parts * len(x), torch.tensor([len(x)], dtype=torch.float64)])
+            if progress and lead:
                 bar.set_postfix(loss=f"{parts[0]:.4f}", recon=f"{parts[1]:.4f}", con=f"{parts[2]:.4f}",
-                                vps=f"{videos / (time.perf_counter() - tic):.0f}")
+                                vps=f"{sums[3] * world / (time.perf_counter() - tic):.0f}")
+        if world > 1:
+            dist.all_reduce(sums)
         seconds = time.perf_counter() - tic
-        mean = (sums / max(videos, 1)).tolist()
+        videos = int(sums[3])
+        mean = (sums[:3] / max(videos, 1)).tolist()
         entry = {"epoch": epoch + 1, "loss": mean[0], "recon": mean[1], "contrast": mean[2], "lr": lr,
                  "seconds": seconds, "videos_per_s": videos / seconds if seconds > 0 else None}
-        _append_line(log_path, entry)
         log.append(entry)
-        save_torch_atomic(
-            {"format": CHECKPOINT_FORMAT, "epoch": epoch + 1, "arch": cfg.to_dict(), "recipe": recipe.to_dict(),
-             "model_state_dict": model.state_dict(), "optimizer_state_dict": optimizer.state_dict(),
-             "meta": dict(meta or {})},
-            ckpt_path,
-        )
-        if progress:
-            tqdm.write(f"epoch {epoch + 1}: loss {mean[0]:.4f} (recon {mean[1]:.4f}, contrast {mean[2]:.4f}), "
-                       f"lr {lr:.2e}, {entry['videos_per_s']:.0f} videos/s")
+        if lead:
+            _append_line(log_path, entry)
+            save_torch_atomic(
+                {"format": CHECKPOINT_FORMAT, "epoch": epoch + 1, "arch": cfg.to_dict(), "recipe": recipe.to_dict(),
+                 "model_state_dict": model.state_dict(), "optimizer_state_dict": optimizer.state_dict(),
+                 "meta": dict(meta or {}, world_size=world)},
+                ckpt_path,
+            )
+            if progress:
+                tqdm.write(f"epoch {epoch + 1}: loss {mean[0]:.4f} (recon {mean[1]:.4f}, contrast {mean[2]:.4f}), "
+                           f"lr {lr:.2e}, {entry['videos_per_s']:.0f} videos/s")
+        if world > 1:
+            dist.barrier()
     done = max(start, end)
     final = None
     if done >= recipe.epochs:
         final = final_path
-        if not final_path.exists() or start < recipe.epochs:
+        if lead and (not final_path.exists() or start < recipe.epochs):
             save_torch_atomic({"model_state_dict": model.state_dict(), "arch": cfg.to_dict(),
                                "recipe": recipe.to_dict(), "epoch": done, "meta": dict(meta or {})}, final_path)
     return TrainResult(out_dir=out_dir, epochs_done=done, final_model=final, log=log)

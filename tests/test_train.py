@@ -1,0 +1,169 @@
+"""Training: determinism, exact resume, the recipe's schedule, the log and the checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from conmh.data import FeatureFiles
+from conmh.errors import ConfigError
+from conmh.model import ModelConfig, encode_bits, load_checkpoint
+from conmh.recipes import RECIPES, Recipe
+from conmh.loader import ResidentBatches, StreamingBatches
+from conmh.train import CHECKPOINT, FINAL_MODEL, LOG, train
+
+CFG = ModelConfig(feature_dim=16, frames=6, nbits=8, hidden_size=32, encoder_depth=2, encoder_heads=2,
+                  decoder_dim=16, decoder_depth=1, decoder_heads=2)
+RECIPE = Recipe(mask_ratio=0.5, batch_size=8, epochs=4, alpha=1.0, temperature=0.5, tau_plus=0.1, lr=1e-3,
+                lr_step=1, lr_gamma=0.5, lr_min=3e-4)
+
+
+@pytest.fixture(scope="module")
+def feats() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((28, 6, 16)).astype(np.float32)
+
+
+def final_codes(out_dir: Path, feats: np.ndarray) -> np.ndarray:
+    model = load_checkpoint(out_dir / FINAL_MODEL)
+    return encode_bits(model.video_mean_codes(torch.from_numpy(feats))).numpy()
+
+
+def final_state(out_dir: Path) -> dict:
+    return torch.load(out_dir / FINAL_MODEL, weights_only=True)["model_state_dict"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, feats) -> Path:
+    out = tmp_path_factory.mktemp("full")
+    train(feats, CFG, RECIPE, out, device="cpu", progress=False)
+    return out
+
+
+def test_same_seed_same_codes(tmp_path: Path, feats, uninterrupted: Path) -> None:
+    train(feats, CFG, RECIPE, tmp_path, device="cpu", progress=False)
+    np.testing.assert_array_equal(final_codes(tmp_path, feats), final_codes(uninterrupted, feats))
+    for k, v in final_state(tmp_path).items():
+        assert torch.equal(v, final_state(uninterrupted)[k]), k
+
+
+def test_resume_from_the_middle_gives_the_same_weights(tmp_path: Path, feats, uninterrupted: Path) -> None:
+    first = train(feats, CFG, RECIPE, tmp_path, device="cpu", progress=False, stop_after=2)
+    assert first.epochs_done == 2 and first.final_model is None
+    assert not (tmp_path / FINAL_MODEL).exists()
+    second = train(feats, CFG, RECIPE, tmp_path, device="cpu", progress=False, resume=True)
+    assert second.epochs_done == 4
+    for k, v in final_state(tmp_path).items():
+        assert torch.equal(v, final_state(uninterrupted)[k]), k
+    np.testing.assert_array_equal(final_codes(tmp_path, feats), final_codes(uninterrupted, feats))
+    log = [json.loads(line) for line in (tmp_path / LOG).read_text().splitlines()]
+    assert [e["epoch"] for e in log] == [1, 2, 3, 4]
+
+
+def write_h5(path: Path, feats: np.ndarray) -> Path:
+    with h5py.File(path, "w") as fh:
+        fh["feats"] = feats
+    return path
+
+
+def test_hdf5_in_memory_equals_array(tmp_path: Path, feats, uninterrupted: Path) -> None:
+    with FeatureFiles([write_h5(tmp_path / "train.h5", feats)]) as ff:
+        train(ff, CFG, RECIPE, tmp_path / "run", device="cpu", progress=False, data_mode="memory")
+    for k, v in final_state(tmp_path / "run").items():
+        assert torch.equal(v, final_state(uninterrupted)[k]), k
+
+
+def test_streaming_resume_is_exact(tmp_path: Path, feats) -> None:
+    with FeatureFiles([write_h5(tmp_path / "train.h5", feats)]) as ff:
+        train(ff, CFG, RECIPE, tmp_path / "a", device="cpu", progress=False, data_mode="stream")
+        train(ff, CFG, RECIPE, tmp_path / "b", device="cpu", progress=False, data_mode="stream", stop_after=3)
+        train(ff, CFG, RECIPE, tmp_path / "b", device="cpu", progress=False, data_mode="stream", resume=True)
+    for k, v in final_state(tmp_path / "a").items():
+        assert torch.equal(v, final_state(tmp_path / "b")[k]), k
+
+
+def test_log_schedule_and_loss_decrease(uninterrupted: Path) -> None:
+    log = [json.loads(line) for line in (uninterrupted / LOG).read_text().splitlines()]
+    assert [e["lr"] for e in log] == [1e-3, 5e-4, 3e-4, 3e-4]  # step 1, gamma 0.5, floor 3e-4
+    for e in log:
+        assert set(e) >= {"epoch", "loss", "recon", "contrast", "lr", "seconds", "videos_per_s"}
+        assert e["loss"] == pytest.approx(e["recon"] + RECIPE.alpha * e["contrast"], rel=1e-6)
+        assert e["videos_per_s"] > 0
+    assert log[-1]["loss"] < log[0]["loss"]
+
+
+def test_checkpoint_and_final_model_contents(uninterrupted: Path) -> None:
+    ckpt = torch.load(uninterrupted / CHECKPOINT, weights_only=True)
+    assert ckpt["epoch"] == 4 and ckpt["arch"] == CFG.to_dict()
+    assert "optimizer_state_dict" in ckpt
+    final = torch.load(uninterrupted / FINAL_MODEL, weights_only=True)
+    assert final["arch"] == CFG.to_dict() and final["epoch"] == 4
+    assert not list(uninterrupted.glob(".*.tmp"))  # nothing half-written left behind
+
+
+def test_existing_run_needs_resume_and_matching_recipe(tmp_path: Path, feats) -> None:
+    train(feats, CFG, RECIPE, tmp_path, device="cpu", progress=False, stop_after=1)
+    with pytest.raises(ConfigError, match="--resume"):
+        train(feats, CFG, RECIPE, tmp_path, device="cpu", progress=False)
+    with pytest.raises(ConfigError, match="recipe"):
+        train(feats, CFG, RECIPE.replace(lr=5e-3), tmp_path, device="cpu", progress=False, resume=True)
+    with pytest.raises(ConfigError, match="architecture"):
+        train(feats, ModelConfig(**{**CFG.to_dict(), "nbits": 16}), RECIPE, tmp_path, device="cpu",
+              progress=False, resume=True)
+
+
+def test_wrong_feature_shape_refused(tmp_path: Path, feats) -> None:
+    with pytest.raises(ConfigError, match="6 frames x 16 dims"):
+        train(feats, ModelConfig(**{**CFG.to_dict(), "feature_dim": 32}), RECIPE, tmp_path, device="cpu",
+              progress=False)
+
+
+def test_resident_batches_follow_seed_and_epoch(feats) -> None:
+    data = ResidentBatches(feats, torch.device("cpu"))
+    a = [x.numpy() for x in data.epoch(1, 7, 8)]
+    b = [x.numpy() for x in data.epoch(1, 7, 8)]
+    c = [x.numpy() for x in data.epoch(1, 8, 8)]
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+    assert [len(x) for x in a] == [8, 8, 8]  # 28 videos: the partial batch is dropped
+    seen = np.concatenate(a).reshape(24, -1)
+    assert len({row.tobytes() for row in seen}) == 24  # no video twice in an epoch
+    # two ranks split every global batch between them
+    r0 = list(data.epoch(1, 7, 8, rank=0, world=2))
+    r1 = list(data.epoch(1, 7, 8, rank=1, world=2))
+    for whole, x0, x1 in zip(a, r0, r1):
+        assert np.array_equal(np.sort(whole.reshape(8, -1), 0),
+                              np.sort(np.concatenate([x0, x1]).reshape(8, -1), 0))
+
+
+def test_streaming_batches_cover_the_data_once(tmp_path: Path) -> None:
+    rows = np.arange(103, dtype=np.float32)[:, None, None] * np.ones((1, 2, 3), np.float32)
+    with FeatureFiles([write_h5(tmp_path / "a.h5", rows)]) as ff:
+        stream = StreamingBatches(ff, block_rows=10, buffer_blocks=3, prefetch=2)
+        epoch = [x[:, 0, 0].numpy().astype(int) for x in stream.epoch(1, 0, 16)]
+        again = [x[:, 0, 0].numpy().astype(int) for x in stream.epoch(1, 0, 16)]
+        other = [x[:, 0, 0].numpy().astype(int) for x in stream.epoch(1, 1, 16)]
+        assert [len(x) for x in epoch] == [16] * 6  # 103 // 16 full batches
+        seen = np.concatenate(epoch)
+        assert len(set(seen.tolist())) == 96  # no video twice
+        assert all(np.array_equal(x, y) for x, y in zip(epoch, again))
+        assert not all(np.array_equal(x, y) for x, y in zip(epoch, other))
+        # batches mix blocks: not just runs of contiguous videos
+        assert max(np.ptp(x) for x in epoch) > 30
+        ranks = [[x[:, 0, 0].numpy() for x in stream.epoch(1, 0, 16, rank=r, world=2)] for r in (0, 1)]
+        assert len(ranks[0]) == len(ranks[1]) and all(len(x) == 8 for x in ranks[0])
+        assert not set(np.concatenate(ranks[0]).tolist()) & set(np.concatenate(ranks[1]).tolist())
+
+
+def test_paper_recipes() -> None:
+    assert RECIPES["fcvid"].lr_at(0) == 1e-4
+    assert RECIPES["fcvid"].lr_at(20) == pytest.approx(9e-5)
+    assert RECIPES["fcvid"].lr_at(799) == 1e-5  # 0.9^39 * 1e-4 < 1e-5: the floor
+    assert (RECIPES["activitynet"].batch_size, RECIPES["activitynet"].epochs) == (128, 500)
+    with pytest.raises(ConfigError, match="mask_ratio"):
+        RECIPES["fcvid"].replace(mask_ratio=1.5)
