@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train ConMH on a dataset's training split", epilog=EPILOG,
                        description="Train ConMH with the paper's recipe for the dataset (REFERENCE §4); any "
                                    "recipe value can be overridden. Writes OUT/checkpoint.pt every epoch, "
-                                   "OUT/train_log.jsonl, and OUT/model.pt after the last epoch.")
+                                   "OUT/train_log.jsonl, and OUT/model.pt after the last epoch. Rerunning the same "
+                                   "command continues an interrupted run.")
     _add_dataset_args(p)
     p.add_argument("--bits", required=True, type=_positive_int, help="code length (the paper: 16, 32, 64)")
     p.add_argument("--out-dir", required=True, type=Path, help="folder for checkpoint, log and final model")
@@ -85,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, help="contrastive temperature t (paper: 0.5)")
     p.add_argument("--tau-plus", type=float, help="class prior tau+ of the debiased loss (paper: 0.1/0.05/0.1)")
     p.add_argument("--seed", type=int, help="random seed (paper: 1)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="continue from OUT/checkpoint.pt when it exists, so rerunning the same command after a "
+                        "crash loses at most one epoch; --no-resume refuses to touch an existing run (default: resume)")
     p.add_argument("--data-mode", default="auto", choices=["auto", "memory", "stream"],
                    help="memory: hold the training array in RAM (or GPU memory, bf16, on CUDA); stream: read HDF5 "
                         "in shuffled blocks with bounded memory; auto: memory when it fits (default: auto)")

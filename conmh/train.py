@@ -184,9 +184,11 @@ def train(
     out_dir = Path(out_dir)
     rank, world = _distributed()
     lead = rank == 0
+    ckpt_path, log_path, final_path = out_dir / CHECKPOINT, out_dir / LOG, out_dir / FINAL_MODEL
     if lead:
         out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path, log_path, final_path = out_dir / CHECKPOINT, out_dir / LOG, out_dir / FINAL_MODEL
+        for stale in out_dir.glob(".*.pt.*.tmp"):  # left by a process killed mid-write
+            stale.unlink(missing_ok=True)
     dev = select_device(device)
     n, frames, dim = feats.shape if isinstance(feats, np.ndarray) else (feats.n, feats.frames, feats.dim)
     if (frames, dim) != (cfg.frames, cfg.feature_dim):
