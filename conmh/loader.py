@@ -120,25 +120,28 @@ class StreamingBatches:
             steps, local = 1, min(self._rows(p) for p in plans)
         # Draw this rank's buffer permutations from a per-rank stream, so ranks differ.
         rank_rng = np.random.default_rng([int(rng.integers(1 << 62)), rank])
-        done = 0
-        carry = np.empty((0, self.frames, self.dim), dtype=np.float32)
-        group: list[np.ndarray] = []
+        # One preallocated buffer: blocks are copied in as they arrive; after a
+        # shuffle the rows left over (fewer than a batch) move to its front.
+        pool = np.empty((self.buffer_blocks * self.block_rows + local, self.frames, self.dim), dtype=np.float32)
+        filled = blocks_in = done = 0
         blocks = self._read_ahead(plans[rank])
         try:
             for last, block in _mark_last(blocks):
-                group.append(block)
-                if len(group) < self.buffer_blocks and not last:
+                pool[filled:filled + len(block)] = block
+                filled += len(block)
+                blocks_in += 1
+                if blocks_in < self.buffer_blocks and not last:
                     continue
-                pool = np.concatenate([carry, *group])
-                group = []
-                perm = rank_rng.permutation(len(pool))
-                usable = len(pool) - len(pool) % local
+                perm = rank_rng.permutation(filled)
+                usable = filled - filled % local
                 for i in range(0, usable, local):
                     if done == steps:
                         return
                     yield torch.from_numpy(pool[np.sort(perm[i:i + local])])
                     done += 1
-                carry = pool[perm[usable:]]
+                rest = np.sort(perm[usable:])
+                pool[:len(rest)] = pool[rest]
+                filled, blocks_in = len(rest), 0
         finally:
             blocks.close()
 
