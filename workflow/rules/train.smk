@@ -1,0 +1,20 @@
+# One training job per dataset x code length (none for a run with a released checkpoint).
+
+
+rule train:
+    input:
+        verify=LAYOUT.verify_report("{dataset}"),
+    output:
+        model=LAYOUT.model("{dataset}", "{bits}"),
+        train_log=LAYOUT.train_log("{dataset}", "{bits}"),
+    log:
+        LAYOUT.log("train", "{dataset}-{bits}bits"),
+    benchmark:
+        LAYOUT.benchmark("train", "{dataset}-{bits}bits")
+    threads: config["threads"]["train"]
+    resources:
+        gpu=gpus,
+    params:
+        cmd=cmd("train"),
+    shell:
+        RUN_THREADS
