@@ -217,7 +217,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from .atomic import write_text_atomic
     from .codes import read_codes
     from .metrics import evaluate
-    from .model import file_sha256
+    from .checksums import file_sha256
 
     tic = time.perf_counter()
     codes = read_codes(args.codes)

@@ -11,7 +11,6 @@ and what was expected versus found.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 import scipy.io
 import scipy.sparse
 
+from conmh.checksums import file_sha256
 from conmh.errors import ConfigError, DataError, MissingDataError
 
 DATASETS = ("fcvid", "activitynet", "yfcc")
@@ -423,11 +423,6 @@ def load_labels(name: str, data_dir: str | os.PathLike, split: str) -> np.ndarra
 # --------------------------------------------------------------------------- verification
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
 def _scan_finite(ff: FeatureFiles) -> None:
     """Raise DataError at the first NaN or infinite feature value, reading in bounded chunks."""
     rows = max(1, _SCAN_BYTES // (ff.frames * ff.dim * 4))
@@ -509,7 +504,7 @@ def verify_dataset(
     order = {fname: i for i, (_, fname, _) in enumerate(layout.all_files())}
     files.sort(key=lambda entry: order[entry["file"]])  # the layout's order: each split, then its labels
     for entry in files:
-        entry["sha256"] = _sha256(data_dir / entry["file"]) if checksums else None
+        entry["sha256"] = file_sha256(data_dir / entry["file"]) if checksums else None
     return {
         "dataset": name,
         "data_dir": str(data_dir),

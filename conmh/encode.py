@@ -3,28 +3,38 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
+from .checksums import file_sha256
 from .codes import Codes, pack_bits
 from .data import FeatureFiles, get_layout, load_labels, open_split
 from .errors import ConfigError
-from .model import ConMH, ModelConfig, encode_bits, file_sha256, load_checkpoint
-from .train import select_device
+
+if TYPE_CHECKING:
+    import torch
+
+    from .model import ConMH, ModelConfig
+
+# torch is imported inside the functions that use it: the LSH baseline and the
+# evaluation never need it, and importing it costs seconds per pipeline job.
 
 # Training videos averaged to centre the LSH projection: enough for a stable
 # mean, few enough that the baseline never reads a whole 168 GB training set.
 LSH_MEAN_SAMPLES = 10_000
 
 
-@torch.no_grad()
 def encode_features(
     model: ConMH, feats: FeatureFiles, device: torch.device, batch_size: int = 1024, progress: bool = False,
     desc: str = "encode",
 ) -> np.ndarray:
     """Bits (N, nbits) of every video: all frames visible, frame mean, sign (0 -> +1)."""
+    import torch
+
+    from .model import encode_bits
+
     if (feats.frames, feats.dim) != (model.cfg.frames, model.cfg.feature_dim):
         raise ConfigError(
             f"features are {feats.frames} frames x {feats.dim} dims, the model expects "
@@ -35,8 +45,9 @@ def encode_features(
     starts = range(0, feats.n, batch_size)
     for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
         stop = min(feats.n, start + batch_size)
-        x = torch.from_numpy(feats.read(start, stop)).to(device)
-        out[start:stop] = encode_bits(model.video_mean_codes(x)).cpu().numpy()
+        with torch.no_grad():
+            x = torch.from_numpy(feats.read(start, stop)).to(device)
+            out[start:stop] = encode_bits(model.video_mean_codes(x)).cpu().numpy()
     return out
 
 
@@ -64,6 +75,9 @@ def encode_dataset(
     ``cfg`` is needed for official checkpoints, which do not record their
     architecture; files written by ``conmh train`` carry it.
     """
+    from .model import load_checkpoint
+    from .train import select_device
+
     model = load_checkpoint(checkpoint, cfg=cfg)
     dev = select_device(device)
     attrs = {"checkpoint_sha256": file_sha256(checkpoint), "checkpoint": str(Path(checkpoint).name),

@@ -17,7 +17,6 @@ attention uses ``torch.nn.functional.scaled_dot_product_attention``.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +33,6 @@ __all__ = [
     "ModelConfig",
     "binary_activation",
     "load_checkpoint",
-    "file_sha256",
     "sinusoid_table",
 ]
 
@@ -335,14 +333,6 @@ def load_checkpoint(path: str | Path, model: ConMH | None = None, cfg: ModelConf
         )
     model.load_state_dict(state)
     return model
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def count_parameters(model: nn.Module) -> int:

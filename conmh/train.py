@@ -17,6 +17,7 @@ the official single-process run. Rank 0 alone writes files.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import time
@@ -149,8 +150,12 @@ def _append_line(path: Path, entry: dict) -> None:
 
 
 def save_torch_atomic(obj: dict, path: Path) -> None:
+    """``torch.save`` through a buffer: the zip records the file's name, so
+    saving straight to the temporary name would make equal weights differ in bytes."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        tmp.write_bytes(buffer.getvalue())
 
 
 def _load_training_checkpoint(path: Path) -> dict:

@@ -50,6 +50,8 @@ def test_same_seed_same_codes(tmp_path: Path, feats, uninterrupted: Path) -> Non
     np.testing.assert_array_equal(final_codes(tmp_path, feats), final_codes(uninterrupted, feats))
     for k, v in final_state(tmp_path).items():
         assert torch.equal(v, final_state(uninterrupted)[k]), k
+    # byte-identical files, so checkpoint sha256s recorded downstream are reproducible
+    assert (tmp_path / FINAL_MODEL).read_bytes() == (uninterrupted / FINAL_MODEL).read_bytes()
 
 
 def test_resume_from_the_middle_gives_the_same_weights(tmp_path: Path, feats, uninterrupted: Path) -> None:

@@ -19,7 +19,6 @@ later steps depend on; it is rewritten only when its content changes.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -31,6 +30,8 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from tqdm import tqdm
+
+from conmh.checksums import file_sha256 as sha256_of
 
 UPSTREAM = "https://github.com/huangmozhi9527/ConMH"
 CHUNK = 1 << 20
@@ -44,11 +45,6 @@ class DownloadError(Exception):
     def __init__(self, message: str, exit_code: int = EXIT_BAD) -> None:
         super().__init__(message)
         self.exit_code = exit_code
-
-
-def sha256_of(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def write_if_changed(path: Path, text: str) -> bool:
