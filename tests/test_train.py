@@ -169,3 +169,29 @@ def test_paper_recipes() -> None:
     assert (RECIPES["activitynet"].batch_size, RECIPES["activitynet"].epochs) == (128, 500)
     with pytest.raises(ConfigError, match="mask_ratio"):
         RECIPES["fcvid"].replace(mask_ratio=1.5)
+
+
+def test_bf16_resident_batches_feed_a_training_step(feats) -> None:
+    """The GPU path holds the array in bf16: same batches as float32, rounded, and a step runs on them."""
+    from conmh.model import ConMH
+    from conmh.train import epoch_generator, training_step
+
+    f32 = ResidentBatches(feats, torch.device("cpu"))
+    bf16 = ResidentBatches(feats, torch.device("cpu"), dtype=torch.bfloat16)
+    for a, b in zip(f32.epoch(1, 0, 8), bf16.epoch(1, 0, 8)):
+        assert b.dtype == torch.bfloat16
+        torch.testing.assert_close(b.float(), a, rtol=1e-2, atol=1e-2)
+    x = next(iter(bf16.epoch(1, 0, 8)))
+    torch.manual_seed(0)
+    model = ConMH(CFG)  # float32 weights under bf16 autocast, as on CUDA
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = training_step(model, x, RECIPE, epoch_generator(1, 0))
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.encoder.parameters())
+
+
+def test_bf16_resident_from_hdf5_blocks(tmp_path: Path, feats) -> None:
+    with FeatureFiles([write_h5(tmp_path / "t.h5", feats)]) as ff:
+        data = ResidentBatches(ff, torch.device("cpu"), dtype=torch.bfloat16, block_rows=5)
+    torch.testing.assert_close(data.array.float(), torch.from_numpy(feats).to(torch.bfloat16).float())
