@@ -150,6 +150,10 @@ def _require_files(layout: DatasetLayout, data_dir: Path, needed: Sequence[tuple
 # --------------------------------------------------------------------------- features
 
 
+# What h5py raises on damaged metadata (besides OSError): turned into DataError.
+_H5_ERRORS = (OSError, KeyError, RuntimeError, ValueError)
+
+
 def _open_h5(path: Path) -> h5py.File:
     """Open ``path`` read-only, turning every failure into a DataError naming it."""
     if not path.is_file():
@@ -200,7 +204,12 @@ class FeatureFiles:
         try:
             for p in self.paths:
                 self._files.append(_open_h5(p))
-            datasets = [_feature_dataset(fh, p, key) for fh, p in zip(self._files, self.paths)]
+            datasets = []
+            for fh, p in zip(self._files, self.paths):
+                try:
+                    datasets.append(_feature_dataset(fh, p, key))
+                except _H5_ERRORS as e:
+                    raise DataError(f"{p}: cannot read key {key!r}, the HDF5 metadata is damaged ({e})") from e
             first = datasets[0]
             for ds, p in zip(datasets[1:], self.paths[1:]):
                 if ds.shape[1:] != first.shape[1:]:
@@ -259,10 +268,17 @@ class FeatureFiles:
         return self.paths[f], int(row - self.offsets[f])
 
     def _read_file(self, f: int, sel: slice | np.ndarray) -> np.ndarray:
+        """Rows of file ``f``, refused when unreadable or not finite (a NaN would train a NaN model)."""
         try:
-            return np.asarray(self._datasets()[f][sel], dtype=np.float32)
-        except OSError as e:
+            rows = np.asarray(self._datasets()[f][sel], dtype=np.float32)
+        except _H5_ERRORS as e:
             raise DataError(f"{self.paths[f]}: reading key {self.key!r} failed, the file is corrupt ({e})") from e
+        if not np.isfinite(rows).all():
+            bad = np.flatnonzero(~np.isfinite(rows).reshape(len(rows), -1).all(axis=1))[0]
+            first = sel.start + bad if isinstance(sel, slice) else sel[bad]
+            raise DataError(f"{self.paths[f]}: key {self.key!r} row {int(first)} holds NaN or infinite values; "
+                            "expected finite features")
+        return rows
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` as float32 (stop-start, T, D); may span files."""
@@ -362,7 +378,7 @@ def _read_mat_v73(path: Path, key: str) -> np.ndarray:
             if not isinstance(ds, h5py.Dataset):
                 raise DataError(f"{path}: key {key!r} is not a dense matrix (an HDF5 group, e.g. a sparse matrix)")
             return np.asarray(ds[()]).T
-    except OSError as e:
+    except _H5_ERRORS as e:
         raise DataError(f"{path}: cannot read as a MATLAB v7.3 (HDF5) file ({e})") from e
 
 

@@ -11,7 +11,7 @@ from tqdm import tqdm
 from .checksums import file_sha256
 from .codes import Codes, pack_bits
 from .data import FeatureFiles, get_layout, load_labels, open_split
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError, DataError
 
 if TYPE_CHECKING:
     import torch
@@ -37,7 +37,7 @@ def encode_features(
 
     if (feats.frames, feats.dim) != (model.cfg.frames, model.cfg.feature_dim):
         raise ConfigError(
-            f"features are {feats.frames} frames x {feats.dim} dims, the model expects "
+            f"{feats.paths[0]}: key {feats.key!r} holds {feats.frames} frames x {feats.dim} dims, the model expects "
             f"{model.cfg.frames} x {model.cfg.feature_dim}"
         )
     model.eval().to(device)
@@ -62,6 +62,13 @@ def _with_labels(dataset: str, data_dir: Path, bits: int, method: str, encode, a
         with open_split(dataset, data_dir, "queries") as q:
             queries = pack_bits(encode(q, "queries"))
         query_labels = load_labels(dataset, data_dir, "queries")
+        if query_labels.shape[1] != db_labels.shape[1]:
+            q_file, q_key = layout.label_files("queries")[0]
+            db_file, db_key = layout.label_files("database")[0]
+            raise DataError(
+                f"{data_dir / q_file}: key {q_key!r} has {query_labels.shape[1]} classes, but the database labels "
+                f"({data_dir / db_file}, key {db_key!r}) have {db_labels.shape[1]}; they must share one class list"
+            )
     return Codes(bits=bits, dataset=dataset, method=method, database=database, database_labels=db_labels,
                  queries=queries, query_labels=query_labels, attrs=attrs)
 
@@ -82,7 +89,13 @@ def encode_dataset(
     dev = select_device(device)
     attrs = {"checkpoint_sha256": file_sha256(checkpoint), "checkpoint": str(Path(checkpoint).name),
              "zero_mean_rule": "an exact 0 in the frame mean gives +1 (bit 1)"}
-    encode = lambda feats, split: encode_features(model, feats, dev, batch_size, progress, split)  # noqa: E731
+
+    def encode(feats: FeatureFiles, split: str) -> np.ndarray:
+        try:
+            return encode_features(model, feats, dev, batch_size, progress, split)
+        except ConfigError as exc:  # the features do not fit this checkpoint: name it too
+            raise CheckpointError(f"{checkpoint}: checkpoint does not fit the data: {exc}") from None
+
     return _with_labels(dataset, Path(data_dir), model.cfg.nbits, "conmh", encode, attrs)
 
 

@@ -423,15 +423,7 @@ BAD_DATA: dict[str, tuple[Callable[[Path], None], tuple[str, ...], tuple[str, ..
     "file of another dataset": (_activitynet_as_fcvid, ("fcv_train_feats.h5", "feats", "25"), ("verify", "train")),
     "missing file": (lambda d: (d / "q_label.mat").unlink(), ("q_label.mat",), ("verify", "encode")),
 }
-XFAIL = {
-    ("damaged HDF5 metadata", "verify"): "h5py raises KeyError/RuntimeError on damaged metadata; data.FeatureFiles "
-                                         "only turns OSError into DataError (traceback, exit 1)",
-    ("damaged HDF5 metadata", "encode"): "as for verify: KeyError from h5py escapes data.FeatureFiles",
-    ("NaN features", "encode"): "non-finite features are only checked by verify; encode writes codes from NaN",
-    ("NaN features", "lsh"): "non-finite features are only checked by verify; lsh writes codes from NaN",
-    ("infinite features", "train"): "non-finite features are only checked by verify; train runs on with NaN losses",
-    ("query classes differ", "encode"): "encode refuses only when writing, naming the codes file, not q_label.mat",
-}
+XFAIL: dict[tuple[str, str], str] = {}  # (case, command) -> reason, for known defects
 
 
 def _bad_data_params():
@@ -528,8 +520,6 @@ def test_a_truncated_training_checkpoint_is_refused(tmp_path: Path, ref: Referen
     assert str(tmp_path / "run" / CHECKPOINT) in err and "Traceback" not in err
 
 
-@pytest.mark.xfail(strict=True, reason="encode.encode_features says 'features are 30 frames x 16 dims, the model "
-                                      "expects 25 x 16' without naming the checkpoint or the feature file")
 def test_a_checkpoint_of_another_dataset_is_refused_naming_it(tmp_path: Path, ref: Reference, capsys) -> None:
     make_miniature("fcvid", tmp_path / "fcvid", seed=0, spec=TINY)
     with one_thread():
