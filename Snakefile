@@ -32,6 +32,17 @@ config.clear()
 config.update(_checked)
 validate(config, "workflow/schemas/config.schema.yaml")
 
+# A released checkpoint that is not there must stop the run: with earlier outputs
+# in place Snakemake would otherwise see nothing to do and keep stale results.
+_absent = [
+    f"checkpoints.{d}.{b}: {path}"
+    for d, by_bits in config["checkpoints"].items()
+    for b, path in by_bits.items()
+    if not Path(path).is_file()
+]
+if _absent:
+    raise WorkflowError("released checkpoint file(s) not found:\n  " + "\n  ".join(_absent))
+
 LAYOUT = steps.Layout.of(config)
 
 

@@ -1,6 +1,7 @@
 """Atomic file writes: write to a temporary name beside the target, flush,
-fsync, then rename. A reader never sees a half-written file, and a crash
-leaves at most a stray ``.tmp`` file that the next write replaces."""
+fsync, then rename. A reader never sees a half-written file; a crash leaves
+at most a stray hidden ``.NAME.PID.tmp`` beside the target, which nothing
+reads (``conmh train`` removes its own at start-up)."""
 
 from __future__ import annotations
 

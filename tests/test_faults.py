@@ -236,10 +236,6 @@ def test_snakemake_refuses_a_bad_config_before_any_job(tmp_path: Path, config: t
 
 
 @needs_snakemake
-@pytest.mark.xfail(strict=True, reason="a released checkpoint path is checked by nobody: with earlier outputs in "
-                                      "place snakemake has nothing to do (exit 0), and a real run relabels the "
-                                      "trained model's codes 'ConMH (released checkpoint)'; the Snakefile (and "
-                                      "steps.main for DVC) should refuse checkpoints.* paths that do not exist")
 def test_a_released_checkpoint_that_does_not_exist_is_refused_even_with_earlier_outputs(tmp_path: Path) -> None:
     cwd = _workflow(tmp_path)
     _touch_every_output(cwd)
