@@ -182,14 +182,18 @@ def write_codes(path: str | os.PathLike, codes: Codes) -> None:
                 f"codes to write to {path}: attribute {key!r} must be str, int or float, found {type(value).__name__}"
             )
     with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
+        # libver v110: object headers carry checksums, so damaged metadata (a chunk
+        # address, an attribute) fails to read instead of reading as zeros; strings
+        # are stored fixed-length for the same reason (variable-length ones live in
+        # the unchecked global heap).
+        with h5py.File(tmp, "w", libver="v110") as f:
             f.attrs["format_version"] = FORMAT_VERSION
             f.attrs["bits"] = int(codes.bits)
-            f.attrs["dataset"] = str(codes.dataset)
-            f.attrs["method"] = str(codes.method)
+            f.attrs["dataset"] = _fixed(str(codes.dataset))
+            f.attrs["method"] = _fixed(str(codes.method))
             f.attrs["queries_are_database"] = int(codes.queries_are_database)
             for key, value in codes.attrs.items():
-                f.attrs[key] = value
+                f.attrs[key] = _fixed(value) if isinstance(value, str) else value
             splits = [("database", codes.database, codes.database_labels)]
             if codes.queries is not None:
                 splits.append(("queries", codes.queries, codes.query_labels))
@@ -199,6 +203,11 @@ def write_codes(path: str | os.PathLike, codes: Codes) -> None:
                 # silently changing codes; label matrices are mostly zeros, hence gzip.
                 group.create_dataset("codes", data=packed, fletcher32=True)
                 group.create_dataset("labels", data=labels, compression="gzip", shuffle=True, fletcher32=True)
+
+
+def _fixed(text: str) -> np.bytes_:
+    """A fixed-length UTF-8 string attribute (HDF5 cannot store a zero-length one: keep one NUL)."""
+    return np.bytes_(text.encode("utf-8") or b"\0")
 
 
 def _python_value(value: object) -> AttrValue:

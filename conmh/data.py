@@ -350,6 +350,9 @@ def open_split(name: str, data_dir: str | os.PathLike, split: str) -> FeatureFil
 
 def _read_mat_array(path: Path, key: str) -> np.ndarray:
     """The matrix under ``key`` of a .mat file, as stored (v5 via scipy, v7.3 via h5py)."""
+    # TODO(reliability): scipy.io.loadmat can crash the process (SIGSEGV) on some
+    # byte-damaged v5 files (tests/test_reliability.py, strict xfail). Reading
+    # .mat files in a child process would turn that into a DataError.
     if not path.is_file():
         raise MissingDataError(f"{path}: label file does not exist. {_SOURCE_HINT}")
     try:

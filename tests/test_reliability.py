@@ -308,9 +308,6 @@ def test_any_change_to_stored_code_or_label_bytes_is_refused(tmp_path_factory, d
         read_codes(path)
 
 
-@pytest.mark.xfail(strict=True, reason="codes files use HDF5's oldest format, whose metadata has no checksum: a "
-                                      "damaged chunk address reads as zeros (codes.write_codes should open the "
-                                      "file with libver='v110')")
 def test_a_damaged_chunk_address_is_refused_not_read_as_zeros(tmp_path: Path) -> None:
     path = tmp_path / "codes.h5"
     codes = _small_codes(1)
