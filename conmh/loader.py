@@ -52,6 +52,7 @@ class ResidentBatches:
         n_batches = max(1, self.n // batch_size)
         for i in range(n_batches):
             idx = order[i * batch_size:(i + 1) * batch_size] if self.n >= batch_size else order
+            idx = idx[: len(idx) - len(idx) % world]  # equal shares: DDP gathers equal-sized codes
             yield self.array[idx[rank::world].to(self.device)]
 
 

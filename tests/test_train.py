@@ -138,6 +138,8 @@ def test_resident_batches_follow_seed_and_epoch(feats) -> None:
     # two ranks split every global batch between them
     r0 = list(data.epoch(1, 7, 8, rank=0, world=2))
     r1 = list(data.epoch(1, 7, 8, rank=1, world=2))
+    # three ranks: every rank gets the same number of videos (8 // 3 = 2 each, 2 left out)
+    assert {len(x) for r in range(3) for x in data.epoch(1, 7, 8, rank=r, world=3)} == {2}
     for whole, x0, x1 in zip(a, r0, r1):
         assert np.array_equal(np.sort(whole.reshape(8, -1), 0),
                               np.sort(np.concatenate([x0, x1]).reshape(8, -1), 0))
