@@ -94,7 +94,7 @@ def naive_training_step(model: ConMH, feats: torch.Tensor, recipe: Recipe, gener
     pred2, codes2 = naive_forward(model, feats, mask2)
     target1 = feats[mask1].reshape(b, -1, d)
     target2 = feats[mask2].reshape(b, -1, d)
-    recon = F.mse_loss(pred1.float(), target1.float()) + F.mse_loss(pred2.float(), target2.float())
+    recon = F.mse_loss(pred1, target1) + F.mse_loss(pred2, target2)
     contrast = debiased_contrastive_loss(
         codes1.float().mean(dim=1), codes2.float().mean(dim=1), recipe.temperature, recipe.tau_plus
     )

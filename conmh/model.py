@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .errors import CheckpointError, ConfigError
 
@@ -139,8 +140,21 @@ class Attention(nn.Module):
         bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
         qkv = F.linear(x, self.qkv.weight, bias)
         q, k, v = qkv.view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5)
-        return self.proj(out.transpose(1, 2).reshape(b, n, -1))
+        return self.proj(attention(q, k, v, self.head_dim**-0.5).transpose(1, 2).reshape(b, n, -1))
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scaled_dot_product_attention``; on CPU with its math backend.
+
+    Our sequences are short (7 to 30 frames). There, PyTorch's CPU flash kernel
+    is slower than the math backend, and with 2 threads 2-3.5x slower
+    (benchmarks/README.md), so the CPU path asks for the math backend. On GPUs
+    the default choice (flash or memory-efficient kernels) is kept.
+    """
+    if q.device.type == "cpu":
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
 class Mlp(nn.Module):

@@ -89,6 +89,10 @@ def test_reconstruction_loss_sums_the_two_views() -> None:
     pred, target = torch.randn(8, 3, 5), torch.randn(8, 3, 5)
     expected = ((pred[:4] - target[:4]) ** 2).mean() + ((pred[4:] - target[4:]) ** 2).mean()
     torch.testing.assert_close(reconstruction_loss(pred, target), expected)
+    half = pred.to(torch.bfloat16)  # autocast output: computed in float32
+    assert reconstruction_loss(half, target).dtype == torch.float32
+    with pytest.raises(ValueError, match="even batch"):
+        reconstruction_loss(pred[:7], target[:7])
 
 
 def test_gather_frames_takes_each_video_twice() -> None:
