@@ -51,6 +51,7 @@ IN_MEMORY_LIMIT_BYTES = 4 << 30
 # fraction of the free GPU memory.
 GPU_RESIDENT_FRACTION = 0.5
 DATA_MODES = ("auto", "memory", "stream")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -87,6 +88,22 @@ def make_batches(feats, device: torch.device, mode: str = "auto") -> ResidentBat
     if mode == "memory" or (mode == "auto" and nbytes <= IN_MEMORY_LIMIT_BYTES):
         return ResidentBatches(feats, device)
     return StreamingBatches(feats)
+
+
+def compute_precision(device: torch.device, precision: str = "auto") -> str:
+    """``auto``: bf16 autocast on CUDA, float32 elsewhere (as the official code)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The forward pass's context for a resolved precision: bf16 autocast, or nothing."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def _distributed() -> tuple[int, int]:
@@ -179,9 +196,13 @@ def train(
     progress: bool = True,
     stop_after: int | None = None,
     data_mode: str = "auto",
+    precision: str = "auto",
     meta: dict | None = None,
 ) -> TrainResult:
     """Train ConMH on ``feats`` ((N, T, D) array or a lazy ``FeatureFiles``).
+
+    ``precision`` (see ``compute_precision``) picks float32 or bf16 autocast;
+    the choice is recorded in the checkpoints' ``meta`` and in every log line.
 
     ``stop_after`` ends this call after that many epochs in total (the run can
     be resumed later), used to interrupt runs in tests.
@@ -195,6 +216,7 @@ def train(
         for stale in out_dir.glob(".*.pt.*.tmp"):  # left by a process killed mid-write
             stale.unlink(missing_ok=True)
     dev = select_device(device)
+    precision = compute_precision(dev, precision)
     n, frames, dim = feats.shape if isinstance(feats, np.ndarray) else (feats.n, feats.frames, feats.dim)
     if (frames, dim) != (cfg.frames, cfg.feature_dim):
         raise ConfigError(
@@ -229,7 +251,6 @@ def train(
     batches = make_batches(feats, dev, data_mode)
     net: nn.Module = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None) \
         if world > 1 else model
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
     end = recipe.epochs if stop_after is None else min(recipe.epochs, stop_after)
     net.train()
     for epoch in range(start, end):
@@ -244,7 +265,7 @@ def train(
                    disable=not (progress and lead), leave=False)
         for x in bar:
             x = x.to(dev, non_blocking=True)
-            with autocast:
+            with autocast_context(dev, precision):
                 out = training_step(net, x, recipe, gen)
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
@@ -260,14 +281,14 @@ def train(
         videos = int(sums[3])
         mean = (sums[:3] / max(videos, 1)).tolist()
         entry = {"epoch": epoch + 1, "loss": mean[0], "recon": mean[1], "contrast": mean[2], "lr": lr,
-                 "seconds": seconds, "videos_per_s": videos / seconds if seconds > 0 else None}
+                 "precision": precision, "seconds": seconds, "videos_per_s": videos / seconds if seconds > 0 else None}
         log.append(entry)
         if lead:
             _append_line(log_path, entry)
             save_torch_atomic(
                 {"format": CHECKPOINT_FORMAT, "epoch": epoch + 1, "arch": cfg.to_dict(), "recipe": recipe.to_dict(),
                  "model_state_dict": model.state_dict(), "optimizer_state_dict": optimizer.state_dict(),
-                 "meta": dict(meta or {}, world_size=world)},
+                 "meta": dict(meta or {}, world_size=world, precision=precision)},
                 ckpt_path,
             )
             if progress:
@@ -281,5 +302,6 @@ def train(
         final = final_path
         if lead and (not final_path.exists() or start < recipe.epochs):
             save_torch_atomic({"model_state_dict": model.state_dict(), "arch": cfg.to_dict(),
-                               "recipe": recipe.to_dict(), "epoch": done, "meta": dict(meta or {})}, final_path)
+                               "recipe": recipe.to_dict(), "epoch": done,
+                               "meta": dict(meta or {}, precision=precision)}, final_path)
     return TrainResult(out_dir=out_dir, epochs_done=done, final_model=final, log=log)

@@ -23,9 +23,10 @@ TINY = MiniatureSpec(n_train=64, n_database=40, n_queries=12, feature_dim=32, n_
 def tiny(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cli")
     make_miniature("activitynet", root / "data", seed=0, spec=TINY)
+    # --default-allocator: in-process calls leave this test process's malloc settings alone
     code = main(["train", "--dataset", "activitynet", "--data-dir", str(root / "data"), "--bits", "16",
                  "--out-dir", str(root / "run"), "--preset", "mini", "--epochs", "2", "--batch-size", "16",
-                 "--device", "cpu", "--no-progress"])
+                 "--device", "cpu", "--no-progress", "--default-allocator"])
     assert code == 0
     return root
 
@@ -72,8 +73,20 @@ def test_rerun_of_a_finished_training_changes_nothing(tiny: Path) -> None:
     before = (tiny / "run" / "model.pt").read_bytes()
     assert main(["train", "--dataset", "activitynet", "--data-dir", str(tiny / "data"), "--bits", "16",
                  "--out-dir", str(tiny / "run"), "--preset", "mini", "--epochs", "2", "--batch-size", "16",
-                 "--device", "cpu", "--no-progress"]) == 0
+                 "--device", "cpu", "--no-progress", "--default-allocator"]) == 0
     assert (tiny / "run" / "model.pt").read_bytes() == before
+
+
+def test_allocator_setting_does_not_change_the_result(tiny: Path, tmp_path: Path) -> None:
+    """`conmh train` keeps freed memory by default (conmh.allocator); the weights are the same bytes."""
+    proc = subprocess.run([sys.executable, "-c", "from conmh.allocator import keep_freed_memory as k; print(k())"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "True"  # glibc took the setting (this suite runs on Linux)
+    proc = run_cli("train", "--dataset", "activitynet", "--data-dir", str(tiny / "data"), "--bits", "16",
+                   "--out-dir", str(tmp_path / "run"), "--preset", "mini", "--epochs", "2", "--batch-size", "16",
+                   "--device", "cpu", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "run" / "model.pt").read_bytes() == (tiny / "run" / "model.pt").read_bytes()
 
 
 def test_missing_dataset_exit_4_lists_files(tmp_path: Path) -> None:
@@ -107,7 +120,7 @@ def test_bad_codes_file_and_bad_values(tmp_path: Path, tiny: Path) -> None:
     assert proc.returncode == 3 and "bad.h5" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "m.json").exists()
     assert main(["train", "--dataset", "activitynet", "--data-dir", str(tiny / "data"), "--bits", "16",
-                 "--out-dir", str(tmp_path / "r"), "--mask-ratio", "1.5", "--device", "cpu"]) == 3
+                 "--out-dir", str(tmp_path / "r"), "--mask-ratio", "1.5", "--device", "cpu", "--default-allocator"]) == 3
 
 
 def test_usage_errors_exit_2(capsys) -> None:

@@ -197,3 +197,26 @@ def test_bf16_resident_from_hdf5_blocks(tmp_path: Path, feats) -> None:
     with FeatureFiles([write_h5(tmp_path / "t.h5", feats)]) as ff:
         data = ResidentBatches(ff, torch.device("cpu"), dtype=torch.bfloat16, block_rows=5)
     torch.testing.assert_close(data.array.float(), torch.from_numpy(feats).to(torch.bfloat16).float())
+
+
+def test_precision_choice() -> None:
+    from conmh.train import compute_precision
+
+    assert compute_precision(torch.device("cpu")) == "fp32"
+    assert compute_precision(torch.device("cuda", 0)) == "bf16"  # the default on GPUs
+    assert compute_precision(torch.device("cuda", 0), "fp32") == "fp32"
+    with pytest.raises(ConfigError, match="precision must be one of"):
+        compute_precision(torch.device("cpu"), "fp16")
+
+
+def test_bf16_training_on_cpu_is_recorded_and_rounds_differently(tmp_path: Path, feats, uninterrupted: Path) -> None:
+    train(feats, CFG, RECIPE, tmp_path, device="cpu", progress=False, precision="bf16")
+    log = [json.loads(line) for line in (tmp_path / LOG).read_text().splitlines()]
+    assert [e["precision"] for e in log] == ["bf16"] * RECIPE.epochs
+    assert all(np.isfinite(e["loss"]) for e in log)
+    assert torch.load(tmp_path / CHECKPOINT, weights_only=True)["meta"]["precision"] == "bf16"
+    assert torch.load(tmp_path / FINAL_MODEL, weights_only=True)["meta"]["precision"] == "bf16"
+    full = [json.loads(line) for line in (uninterrupted / LOG).read_text().splitlines()]
+    assert full[0]["precision"] == "fp32"
+    assert log[-1]["loss"] != full[-1]["loss"]  # the autocast really ran: other rounding, other trajectory
+    assert abs(log[0]["loss"] - full[0]["loss"]) < 0.05 * full[0]["loss"]  # but the same training
