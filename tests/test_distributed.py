@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -34,3 +35,32 @@ def test_torchrun_two_processes_gloo(tmp_path: Path) -> None:
     model = load_checkpoint(out / "model.pt")  # a usable checkpoint: loads and encodes
     codes = model.video_mean_codes(torch.randn(3, 30, 32))
     assert codes.shape == (3, 16)
+
+
+def test_pipeline_job_launches_ddp_from_the_config(tmp_path: Path) -> None:
+    """``distributed.nproc_per_node: 2`` in config.yaml: the command steps.py builds runs two processes."""
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("workflow_steps_ddp", root / "workflow" / "scripts" / "steps.py")
+    steps = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = steps  # dataclasses need the module registered
+    spec.loader.exec_module(steps)
+    cfg = steps.load_config()
+    cfg["distributed"] = {"nproc_per_node": 2, "nnodes": 1}
+    cfg["paths"] = {**cfg["paths"], **{k: str(tmp_path / k) for k in ("data", "work", "results")}}
+    cfg["miniature"] = {**cfg["miniature"], "preset": "mini",
+                        "train": {"epochs": 4, "batch_size": 16, "lr": 1e-3}}
+    argv = steps.command(cfg, "train", "activitynet", 16)
+    assert argv[argv.index("--nproc-per-node") + 1] == "2"
+    data = Path(steps.data_dir(cfg, "activitynet"))
+    make_miniature("activitynet", data, seed=0,
+                   spec=MiniatureSpec(n_train=64, n_database=20, n_queries=10, feature_dim=32, n_classes=4))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(argv + ["--threads", "1"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "torch.distributed.run --standalone --nproc-per-node 2" in proc.stderr
+    out = Path(steps.Layout.of(cfg).train_dir("activitynet", 16))
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["meta"]["world_size"] == 2
+    log = [json.loads(line) for line in Path(steps.Layout.of(cfg).train_log("activitynet", 16)).read_text().splitlines()]
+    assert len(log) == 4 and log[-1]["loss"] < log[0]["loss"]
+    assert json.loads((out / "pipeline_run.json").read_text())["world_size"] == 2
+    load_checkpoint(out / "model.pt")

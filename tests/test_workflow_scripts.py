@@ -200,26 +200,82 @@ def test_visible_gpus_come_from_cuda_visible_devices():
 
 def test_concurrent_jobs_get_different_gpus_and_a_third_waits(tmp_path):
     with contextlib.ExitStack() as stack:
-        first = stack.enter_context(job.gpu_slot(["0", "1"], tmp_path))
-        second = stack.enter_context(job.gpu_slot(["0", "1"], tmp_path))
-        assert {first, second} == {"0", "1"}
-        got: list[str | None] = []
+        first = stack.enter_context(job.gpu_slots(["0", "1"], tmp_path))
+        second = stack.enter_context(job.gpu_slots(["0", "1"], tmp_path))
+        assert sorted(first + second) == ["0", "1"]
+        got: list[list[str]] = []
 
         def third() -> None:
-            with job.gpu_slot(["0", "1"], tmp_path, poll=0.05) as gpu:
-                got.append(gpu)
+            with job.gpu_slots(["0", "1"], tmp_path, poll=0.05) as gpus:
+                got.append(gpus)
 
         waiter = threading.Thread(target=third)
         waiter.start()
         waiter.join(0.5)
         assert waiter.is_alive() and not got  # both GPUs are held
     waiter.join(5)
-    assert got and got[0] in {"0", "1"}
+    assert got and len(got[0]) == 1 and got[0][0] in {"0", "1"}
+
+
+def test_a_multi_gpu_job_holds_all_its_gpus_or_waits(tmp_path):
+    with job.gpu_slots(["0", "1", "2"], tmp_path, count=2) as pair:
+        assert len(set(pair)) == 2
+        with job.gpu_slots(["0", "1", "2"], tmp_path) as single:  # the one left
+            assert single == sorted({"0", "1", "2"} - set(pair))
+        got: list[list[str]] = []
+
+        def pair_job() -> None:
+            with job.gpu_slots(["0", "1", "2"], tmp_path, count=2, poll=0.05) as gpus:
+                got.append(gpus)
+
+        waiter = threading.Thread(target=pair_job)
+        waiter.start()
+        waiter.join(0.5)
+        assert waiter.is_alive() and not got  # one free GPU is not enough, and it is not kept meanwhile
+        with job.gpu_slots(["0", "1", "2"], tmp_path) as single:
+            assert len(single) == 1
+    waiter.join(5)
+    assert got and len(got[0]) == 2
+
+
+def test_more_gpus_than_visible_is_refused(tmp_path):
+    with pytest.raises(job.JobError, match="needs 4 GPUs, but only 2"):
+        with job.gpu_slots(["0", "1"], tmp_path, count=4):
+            pass
 
 
 def test_no_gpu_means_no_lock(tmp_path):
-    with job.gpu_slot([], tmp_path) as gpu:
-        assert gpu is None
+    with job.gpu_slots([], tmp_path) as gpus:
+        assert gpus == []
+
+
+def test_launch_one_node_is_torchrun_standalone():
+    cmd = ["conmh", "train", "--dataset", "fcvid", "--threads", "4"]
+    assert job.launch_command(cmd, 1, 1, {}) == cmd
+    assert job.launch_command(cmd, 4, 1, {}) == [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+        "-m", "conmh.cli", "train", "--dataset", "fcvid", "--threads", "4"]
+
+
+def test_launch_several_nodes_needs_slurm_and_meets_at_its_first_node(monkeypatch):
+    cmd = ["conmh", "train", "--dataset", "yfcc"]
+    with pytest.raises(job.JobError, match="needs a SLURM allocation"):
+        job.launch_command(cmd, 4, 2, {})
+    monkeypatch.setattr(job, "first_node", lambda nodelist: {"gpu[07-08]": "gpu07"}[nodelist])
+    env = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu[07-08]", "MASTER_PORT": "29611"}
+    argv = job.launch_command(cmd, 4, 2, env)
+    assert argv[:2] == ["srun", "--overlap"] and "--nodes=2" in argv and "--ntasks-per-node=1" in argv
+    rdzv = argv[argv.index("torch.distributed.run") + 1:argv.index("-m", argv.index("torch.distributed.run"))]
+    assert rdzv == ["--nproc-per-node", "4", "--nnodes", "2", "--rdzv-backend", "c10d",
+                    "--rdzv-endpoint", "gpu07:29611", "--rdzv-id", "4242"]
+    assert argv[-4:] == ["conmh.cli", "train", "--dataset", "yfcc"]
+
+
+def test_launch_refuses_what_cannot_run_in_parallel():
+    with pytest.raises(job.JobError, match="only `conmh train`"):
+        job.launch_command(["conmh", "encode"], 2, 1, {})
+    with pytest.raises(job.JobError, match=">= 1"):
+        job.launch_command(["conmh", "train"], 0, 1, {})
 
 
 TRAIN_CMD = ["conmh", "train", "--dataset", "fcvid", "--epochs", "800", "--device", "auto", "--threads", "8"]

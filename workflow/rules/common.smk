@@ -16,8 +16,13 @@ def cmd(step):
 
 
 def gpus(wildcards):
-    """resources function: one GPU for real-data train/encode jobs (job.py picks which one)."""
+    """resources function: one GPU for real-data encode jobs (job.py picks which one)."""
     return int(steps.uses_gpu(config, wildcards.dataset))
+
+
+def train_gpus(wildcards):
+    """resources function: one GPU per DDP process of a real-data training job."""
+    return steps.train_gpus(config, wildcards.dataset)
 
 
 # The command writes to the job's log; when it fails the log is shown, so that a

@@ -13,7 +13,8 @@ rule train:
         LAYOUT.benchmark("train", "{dataset}-{bits}bits")
     threads: config["threads"]["train"]
     resources:
-        gpu=gpus,
+        gpu=train_gpus,
+        nodes=config["distributed"]["nnodes"],
     params:
         cmd=cmd("train"),
     shell:

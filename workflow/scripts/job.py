@@ -1,16 +1,23 @@
-"""Runs one train or encode job: GPU slot, resumable training folder, log copy.
+"""Runs one train or encode job: GPU slots, torchrun launch, resumable training folder, log copy.
 
-Snakemake counts GPUs (``resources: gpu=1``) but does not say *which* GPU a
-job gets, so the job picks one itself: it takes an exclusive ``flock`` on one
+Snakemake counts GPUs (``resources: gpu=N``) but does not say *which* GPUs a
+job gets, so the job picks them itself: it takes an exclusive ``flock`` on one
 lock file per visible GPU (``CUDA_VISIBLE_DEVICES``, else ``nvidia-smi -L``)
-and runs the command with ``CUDA_VISIBLE_DEVICES`` set to that GPU. Locks are
-released by the kernel when the job ends, even when it is killed. Under SLURM
-each job sees only the GPU it was given, so the lock is uncontended.
+and runs the command with ``CUDA_VISIBLE_DEVICES`` set to those GPUs. Locks
+are released by the kernel when the job ends, even when it is killed. Under
+SLURM each job sees only the GPUs it was given, so the locks are uncontended.
+
+Data-parallel training (``--nproc-per-node N``, ``--nnodes M``, from the
+config's ``distributed`` section) starts ``conmh train`` under torchrun
+(``python -m torch.distributed.run``): on one node with ``--standalone``; on
+several nodes inside a SLURM allocation, one torchrun per node through
+``srun``, meeting at the allocation's first node (c10d rendezvous).
 
 Usage::
 
     job.py run [--gpu] -- CMD ...
-    job.py train --out-dir DIR --log-copy FILE [--resume] [--gpu] -- conmh train ...
+    job.py train --out-dir DIR --log-copy FILE [--resume] [--gpu] [--nproc-per-node N] [--nnodes M]
+                 -- conmh train ...
     job.py train --out-dir DIR --log-copy FILE --import-checkpoint FILE
 
 With ``--resume``, ``train`` reuses the folder's ``checkpoint.pt`` when it was
@@ -46,6 +53,8 @@ TRAIN_FILES = ("checkpoint.pt", "model.pt", "train_log.jsonl")
 TRAINING_CODE = ("data.py", "loader.py", "losses.py", "model.py", "recipes.py", "train.py")
 # Options that may change between an interrupted run and its continuation.
 VOLATILE = {"--threads": 1, "--device": 1, "--resume": 0, "--no-progress": 0}
+# torchrun's default rendezvous port; MASTER_PORT overrides it for multi-node runs.
+RDZV_PORT = 29500
 
 
 def visible_gpus(env: dict[str, str] | None = None) -> list[str]:
@@ -68,13 +77,16 @@ def lock_dir() -> Path:
 
 
 @contextlib.contextmanager
-def gpu_slot(gpus: list[str], locks: Path, poll: float = 5.0) -> Iterator[str | None]:
-    """Hold an exclusive lock on one of ``gpus`` for the duration; None when there is no GPU."""
+def gpu_slots(gpus: list[str], locks: Path, count: int = 1, poll: float = 5.0) -> Iterator[list[str]]:
+    """Hold exclusive locks on ``count`` of ``gpus`` for the duration; [] when there is no GPU."""
     if not gpus:
-        yield None
+        yield []
         return
+    if count > len(gpus):
+        raise JobError(f"the job needs {count} GPUs, but only {len(gpus)} are visible ({', '.join(gpus)})")
     waited = False
     while True:
+        held: list[tuple[str, object]] = []
         for gpu in gpus:
             fh = open(locks / f"gpu-{re.sub(r'[^A-Za-z0-9_.-]', '_', gpu)}.lock", "a")
             try:
@@ -82,16 +94,60 @@ def gpu_slot(gpus: list[str], locks: Path, poll: float = 5.0) -> Iterator[str | 
             except BlockingIOError:
                 fh.close()
                 continue
-            try:
-                yield gpu
-            finally:
+            held.append((gpu, fh))
+            if len(held) == count:
+                break
+        try:
+            if len(held) == count:
+                yield [gpu for gpu, _ in held]
+                return
+        finally:
+            for _, fh in held:
                 fcntl.flock(fh, fcntl.LOCK_UN)
                 fh.close()
-            return
         if not waited:
-            print(f"job: all GPUs ({', '.join(gpus)}) are busy; waiting for one", file=sys.stderr, flush=True)
+            print(f"job: waiting for {count} free GPU(s) of {', '.join(gpus)}", file=sys.stderr, flush=True)
             waited = True
         time.sleep(poll)
+
+
+class JobError(Exception):
+    """A job that cannot start as configured (exit status 2, one line)."""
+
+
+def first_node(nodelist: str) -> str:
+    """The first host name of a SLURM node list (``scontrol`` expands ranges such as ``gpu[01-04]``)."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=60, check=True).stdout.split()
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise JobError(f"cannot expand the SLURM node list {nodelist!r} with scontrol: {exc}") from None
+    if not out:
+        raise JobError(f"the SLURM node list {nodelist!r} is empty")
+    return out[0]
+
+
+def launch_command(cmd: list[str], nproc_per_node: int, nnodes: int, env: dict[str, str]) -> list[str]:
+    """``cmd`` (``conmh train ...``) as it is started for ``nnodes`` x ``nproc_per_node`` processes."""
+    if nproc_per_node < 1 or nnodes < 1:
+        raise JobError(f"--nproc-per-node and --nnodes must be >= 1, got {nproc_per_node} and {nnodes}")
+    if nproc_per_node * nnodes == 1:
+        return cmd
+    if cmd[:2] != ["conmh", "train"]:
+        raise JobError(f"only `conmh train` runs data-parallel, not {' '.join(cmd[:2])}")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc_per_node)]
+    if nnodes == 1:
+        return torchrun[:3] + ["--standalone"] + torchrun[3:] + ["-m", "conmh.cli", *cmd[1:]]
+    if "SLURM_JOB_ID" not in env or "SLURM_JOB_NODELIST" not in env:
+        raise JobError(f"training on {nnodes} nodes needs a SLURM allocation (run with the slurm profile), "
+                       "or start torchrun on each node yourself")
+    endpoint = f"{first_node(env['SLURM_JOB_NODELIST'])}:{env.get('MASTER_PORT', RDZV_PORT)}"
+    rendezvous = ["--nnodes", str(nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
+                  "--rdzv-id", env["SLURM_JOB_ID"]]
+    # --overlap: Snakemake may already run this job inside a one-task step of the allocation.
+    srun = ["srun", "--overlap", f"--nodes={nnodes}", f"--ntasks={nnodes}", "--ntasks-per-node=1",
+            "--kill-on-bad-exit=1"]
+    return srun + torchrun + rendezvous + ["-m", "conmh.cli", *cmd[1:]]
 
 
 def stable_command(cmd: list[str]) -> list[str]:
@@ -120,29 +176,30 @@ def code_fingerprint() -> str:
     return digest.hexdigest()
 
 
-def run_identity(cmd: list[str]) -> dict:
-    return {"command": stable_command(cmd), "code": code_fingerprint()}
+def run_identity(cmd: list[str], world_size: int = 1) -> dict:
+    """What must not change for a checkpoint to be continued (the data split depends on the world size)."""
+    return {"command": stable_command(cmd), "code": code_fingerprint(), "world_size": world_size}
 
 
-def prepare_train_dir(out_dir: Path, cmd: list[str], resume: bool) -> bool:
+def prepare_train_dir(out_dir: Path, cmd: list[str], resume: bool, world_size: int = 1) -> bool:
     """Make ``out_dir`` ready for ``cmd``; True when the run reuses its checkpoint."""
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
         state = json.loads((out_dir / STATE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         state = None
-    same = isinstance(state, dict) and all(state.get(k) == v for k, v in run_identity(cmd).items())
+    same = isinstance(state, dict) and all(state.get(k) == v for k, v in run_identity(cmd, world_size).items())
     if resume and same and (out_dir / "checkpoint.pt").exists():
         return True
     for name in TRAIN_FILES:
         (out_dir / name).unlink(missing_ok=True)
-    write_state(out_dir, cmd, complete=False)
+    write_state(out_dir, cmd, complete=False, world_size=world_size)
     return False
 
 
-def write_state(out_dir: Path, cmd: list[str], complete: bool) -> None:
+def write_state(out_dir: Path, cmd: list[str], complete: bool, world_size: int = 1) -> None:
     tmp = out_dir / f".{STATE}.tmp"
-    tmp.write_text(json.dumps({**run_identity(cmd), "complete": complete}, indent=1) + "\n")
+    tmp.write_text(json.dumps({**run_identity(cmd, world_size), "complete": complete}, indent=1) + "\n")
     os.replace(tmp, out_dir / STATE)
 
 
@@ -154,12 +211,15 @@ def copy_file(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
-def run(cmd: list[str], gpu: bool) -> int:
+def run(cmd: list[str], gpu: bool, nproc_per_node: int = 1, nnodes: int = 1) -> int:
     env = dict(os.environ)
-    with gpu_slot(visible_gpus(env) if gpu else [], lock_dir()) as slot:
-        if slot is not None:
-            env["CUDA_VISIBLE_DEVICES"] = slot
-            print(f"job: running on GPU {slot}", file=sys.stderr, flush=True)
+    cmd = launch_command(cmd, nproc_per_node, nnodes, env)
+    # Several nodes: SLURM gave each node its GPUs; the locks here would only cover the first node.
+    local_gpus = visible_gpus(env) if gpu and nnodes == 1 else []
+    with gpu_slots(local_gpus, lock_dir(), count=nproc_per_node) as slots:
+        if slots:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(slots)
+            print(f"job: running on GPU {env['CUDA_VISIBLE_DEVICES']}", file=sys.stderr, flush=True)
         print(f"+ {' '.join(cmd)}", file=sys.stderr, flush=True)
         return subprocess.call(cmd, env=env)
 
@@ -172,13 +232,24 @@ def main(argv: list[str] | None = None) -> int:
         argv, cmd = argv[:cut], argv[cut + 1:]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mode", choices=("run", "train"))
-    parser.add_argument("--gpu", action="store_true", help="hold one GPU (CUDA_VISIBLE_DEVICES) for the command")
+    parser.add_argument("--gpu", action="store_true",
+                        help="hold GPUs (one per process on this node) and set CUDA_VISIBLE_DEVICES to them")
+    parser.add_argument("--nproc-per-node", type=int, default=1, help="train: DDP processes per node (default 1)")
+    parser.add_argument("--nnodes", type=int, default=1, help="train: nodes, each running one torchrun (default 1)")
     parser.add_argument("--out-dir", type=Path, help="train: the run's folder")
     parser.add_argument("--log-copy", type=Path, help="train: where to copy train_log.jsonl afterwards")
     parser.add_argument("--resume", action="store_true", help="train: reuse the checkpoint of an identical run")
     parser.add_argument("--import-checkpoint", type=Path, help="train: use this checkpoint instead of training")
     args = parser.parse_args(argv)
 
+    try:
+        return _main(parser, args, cmd)
+    except JobError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, cmd: list[str]) -> int:
     if args.mode == "run":
         if not cmd:
             parser.error("give the command after --")
@@ -196,12 +267,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not cmd:
         parser.error("give the conmh train command after --")
-    if prepare_train_dir(args.out_dir, cmd, args.resume):
+    world_size = args.nproc_per_node * args.nnodes
+    launch_command(cmd, args.nproc_per_node, args.nnodes, dict(os.environ))  # refuse a bad launch early
+    if prepare_train_dir(args.out_dir, cmd, args.resume, world_size):
         print(f"job: reusing the checkpoint of the same run in {args.out_dir}", file=sys.stderr, flush=True)
         cmd = cmd + ["--resume"]
-    status = run(cmd, args.gpu)
+    status = run(cmd, args.gpu, args.nproc_per_node, args.nnodes)
     if status == 0:
-        write_state(args.out_dir, cmd, complete=True)
+        write_state(args.out_dir, cmd, complete=True, world_size=world_size)
         copy_file(args.out_dir / "train_log.jsonl", args.log_copy)
     return status
 

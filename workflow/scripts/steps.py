@@ -260,6 +260,15 @@ def uses_gpu(cfg: dict, dataset: str) -> bool:
     return device(cfg, dataset) != "cpu" and is_real(cfg, dataset)
 
 
+def world_size(cfg: dict) -> int:
+    return cfg["distributed"]["nproc_per_node"] * cfg["distributed"]["nnodes"]
+
+
+def train_gpus(cfg: dict, dataset: str) -> int:
+    """GPUs a training job holds: one per process (all nodes together)."""
+    return world_size(cfg) if uses_gpu(cfg, dataset) else 0
+
+
 def released_checkpoint(cfg: dict, dataset: str, bits: Any) -> str | None:
     """The authors' checkpoint configured for this run, or None when the pipeline trains it."""
     return cfg["checkpoints"].get(dataset, {}).get(str(bits))
@@ -330,10 +339,15 @@ def command(cfg: dict, step: str, dataset: str | None = None, bits: int | None =
             wrapper.append("--resume")
         if uses_gpu(cfg, dataset):
             wrapper.append("--gpu")
+        if world_size(cfg) > 1:
+            wrapper += ["--nproc-per-node", str(cfg["distributed"]["nproc_per_node"]),
+                        "--nnodes", str(cfg["distributed"]["nnodes"])]
         argv = ["conmh", "train", "--dataset", dataset, "--data-dir", ddir, "--bits", str(bits),
                 "--out-dir", lay.train_dir(dataset, bits), "--preset", preset(cfg, dataset)]
         for key, value in recipe(cfg, dataset).items():
             argv += [RECIPE_OPTIONS[key], str(value)]
+        if is_real(cfg, dataset):
+            argv += ["--precision", cfg["precision"]]
         argv += ["--device", device(cfg, dataset), "--no-progress"]
         return wrapper + ["--"] + argv
     if step == "encode":
