@@ -5,7 +5,9 @@ FCVID's shape (T=25, D=4096) once, then in a fresh process each:
 
 * loader only: one full epoch of ``StreamingBatches`` (batch 512);
 * training: ``--steps`` training steps of the ``small`` preset fed by the
-  streaming loader (batch ``--train-batch``).
+  streaming loader (batch ``--train-batch``), in a process set up as
+  ``conmh train`` sets it up (glibc keeps freed memory; ``--default-allocator``
+  leaves glibc's defaults).
 
 and reports videos/s and the process's peak RSS (``ru_maxrss``, which counts
 the process's own memory, not the page cache).
@@ -50,8 +52,13 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def child(mode: str, path: str, steps: int, batch: int, threads: int) -> None:
+def child(mode: str, path: str, steps: int, batch: int, threads: int, default_allocator: bool) -> None:
     import torch
+
+    from conmh.allocator import keep_freed_memory
+
+    if mode == "train" and not default_allocator:
+        keep_freed_memory()
 
     from conmh.data import FeatureFiles
     from conmh.loader import StreamingBatches
@@ -91,11 +98,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="training steps to time (default: 4)")
     parser.add_argument("--train-batch", type=int, default=128, help="training batch (default: 128)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
+    parser.add_argument("--default-allocator", action="store_true", help="training: keep glibc's malloc defaults")
     parser.add_argument("--out", type=Path, help="write the results as JSON")
     parser.add_argument("--child", nargs=2, metavar=("MODE", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child[0], args.child[1], args.steps, args.train_batch, args.threads)
+        child(args.child[0], args.child[1], args.steps, args.train_batch, args.threads, args.default_allocator)
         return
     args.workdir.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -107,6 +115,7 @@ def main() -> None:
         for mode in ("loader", "train"):
             cmd = [sys.executable, __file__, "--child", mode, str(path), "--steps", str(args.steps),
                    "--train-batch", str(args.train_batch), "--threads", str(args.threads)]
+            cmd += ["--default-allocator"] if args.default_allocator else []
             result = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
             rows.append({"file_gb": size, **result})
             print(rows[-1], file=sys.stderr)
