@@ -21,6 +21,7 @@ configfile: "config.yaml"
 
 
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow" / "scripts"))
+import job  # noqa: E402
 import steps  # noqa: E402
 
 # Type conversion of --config values, then every key checked (all problems listed at once).

@@ -4,6 +4,8 @@
 rule train:
     input:
         verify=LAYOUT.verify_report("{dataset}"),
+        # The training code: changing it retrains, as under DVC (dvc.yaml lists the same modules).
+        code=[f"conmh/{name}" for name in job.TRAINING_CODE],
     output:
         model=LAYOUT.model("{dataset}", "{bits}"),
         train_log=LAYOUT.train_log("{dataset}", "{bits}"),
