@@ -18,11 +18,10 @@ from typing import Any, Iterator, Sequence
 
 import h5py
 import numpy as np
-import scipy.io
-import scipy.sparse
 
 from conmh.checksums import file_sha256
 from conmh.errors import ConfigError, DataError, MissingDataError
+from conmh.matfile import load_mat_v5
 
 DATASETS = ("fcvid", "activitynet", "yfcc")
 SPLITS = ("train", "database", "queries")
@@ -349,25 +348,21 @@ def open_split(name: str, data_dir: str | os.PathLike, split: str) -> FeatureFil
 
 
 def _read_mat_array(path: Path, key: str) -> np.ndarray:
-    """The matrix under ``key`` of a .mat file, as stored (v5 via scipy, v7.3 via h5py)."""
-    # TODO(reliability): scipy.io.loadmat can crash the process (SIGSEGV) on some
-    # byte-damaged v5 files (tests/test_reliability.py, strict xfail). Reading
-    # .mat files in a child process would turn that into a DataError.
+    """The matrix under ``key`` of a .mat file, as stored (v5 via scipy in a child process, v7.3 via h5py)."""
     if not path.is_file():
         raise MissingDataError(f"{path}: label file does not exist. {_SOURCE_HINT}")
-    try:
-        mat = scipy.io.loadmat(path)
-    except NotImplementedError:  # scipy refuses MATLAB v7.3 (HDF5) files
+    if h5py.is_hdf5(path):  # MATLAB v7.3 (with or without the MATLAB header)
         return _read_mat_v73(path, key)
-    except Exception as e:  # scipy raises many types on garbage; report them all as bad input
-        if h5py.is_hdf5(path):  # an HDF5 file without the MATLAB header
-            return _read_mat_v73(path, key)
-        raise DataError(f"{path}: not a readable MATLAB .mat file ({type(e).__name__}: {e})") from e
-    if key not in mat:
-        found = sorted(k for k in mat if not k.startswith("__"))
-        raise DataError(f"{path}: no key {key!r}; keys found: {found}")
-    arr = mat[key]
-    return arr.toarray() if scipy.sparse.issparse(arr) else np.asarray(arr)
+    result = load_mat_v5(path, key)
+    if result.status == "ok":
+        return result.array
+    if result.status == "v73":
+        return _read_mat_v73(path, key)
+    if result.status == "missing":
+        raise DataError(f"{path}: no key {key!r}; keys found: {list(result.keys)}")
+    if result.status == "crash":
+        raise DataError(f"{path}: damaged MATLAB .mat file: {result.error}")
+    raise DataError(f"{path}: not a readable MATLAB .mat file ({result.error})")
 
 
 def _read_mat_v73(path: Path, key: str) -> np.ndarray:

@@ -468,10 +468,8 @@ def test_a_label_row_without_class_is_accepted_counted_and_scored_zero(tmp_path:
     assert json.loads((tmp_path / "m.json").read_text())["queries_without_label"] == 1
 
 
-@pytest.mark.xfail(strict=True, reason="scipy.io.loadmat crashes (SIGSEGV) on this damaged MAT file: verify dies "
-                                      "with no message; data._read_mat_array could read .mat files in a child "
-                                      "process and report a crash as a DataError naming the file")
 def test_a_damaged_mat_file_is_refused_not_a_crash(tmp_path: Path, ref: Reference) -> None:
+    """scipy.io.loadmat crashes (SIGSEGV) on this file; conmh.matfile reads it in a child process."""
     data = tmp_path / "data"
     shutil.copytree(ref.data, data)
     raw = bytearray((data / "re_label.mat").read_bytes())
@@ -480,6 +478,7 @@ def test_a_damaged_mat_file_is_refused_not_a_crash(tmp_path: Path, ref: Referenc
     proc = subprocess.run([sys.executable, "-m", "conmh.cli", "verify", DATASET, str(data), "--no-checksums"],
                           capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 3 and "re_label.mat" in proc.stderr, (proc.returncode, proc.stderr)
+    assert "damaged MATLAB .mat file" in proc.stderr and "Traceback" not in proc.stderr
 
 
 # --------------------------------------------------------------------------- untrusted and mismatched checkpoints
