@@ -4,8 +4,9 @@
 rule train:
     input:
         verify=LAYOUT.verify_report("{dataset}"),
-        # The training code: changing it retrains, as under DVC (dvc.yaml lists the same modules).
-        code=[f"conmh/{name}" for name in job.TRAINING_CODE],
+        # The installed package's training code: changing it retrains, as under DVC
+        # (dvc.yaml lists the same modules of the checkout).
+        code=[str(path) for path in job.training_code()],
     output:
         model=LAYOUT.model("{dataset}", "{bits}"),
         train_log=LAYOUT.train_log("{dataset}", "{bits}"),

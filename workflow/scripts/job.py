@@ -163,16 +163,23 @@ def stable_command(cmd: list[str]) -> list[str]:
     return out
 
 
-def code_fingerprint() -> str:
-    """sha256 over the training modules of the installed ``conmh`` package (found without importing it)."""
+def training_code() -> list[Path]:
+    """The training modules of the installed ``conmh`` package (found without importing it); [] if absent."""
     spec = importlib.util.find_spec("conmh")
     if spec is None or not spec.submodule_search_locations:
-        return "conmh-not-found"
+        return []
     root = Path(next(iter(spec.submodule_search_locations)))
+    return [root / name for name in TRAINING_CODE]
+
+
+def code_fingerprint() -> str:
+    """sha256 over the training modules of the installed ``conmh`` package."""
+    paths = training_code()
+    if not paths:
+        return "conmh-not-found"
     digest = hashlib.sha256()
-    for name in TRAINING_CODE:
-        path = root / name
-        digest.update(name.encode() + b"\0" + (path.read_bytes() if path.exists() else b"-") + b"\0")
+    for path in paths:
+        digest.update(path.name.encode() + b"\0" + (path.read_bytes() if path.exists() else b"-") + b"\0")
     return digest.hexdigest()
 
 
