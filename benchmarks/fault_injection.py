@@ -55,6 +55,9 @@ import h5py
 import numpy as np
 import scipy.io
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from range_mirror import RangeMirror  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 DATASET = "activitynet"
 BITS, EPOCHS, BATCH = 16, 4, 16
@@ -577,38 +580,11 @@ def pipeline_run(i: int, ws: Path, ref: PipelineReference, rng: np.random.Genera
 # --------------------------------------------------------------------------- 4. downloads
 
 
-class ThrottledRange(http.server.SimpleHTTPRequestHandler):
-    """A slow mirror with HTTP Range support, so that a download can be killed midway."""
+class ThrottledRange(RangeMirror):
+    """A slow mirror, so that a download can be killed midway."""
 
-    chunk, pause = 64 << 10, 0.02
+    pause = 0.02
     ranges: list[str | None] = []
-
-    def log_message(self, *args) -> None:
-        pass
-
-    def do_GET(self) -> None:
-        path = Path(self.translate_path(self.path))
-        if not path.is_file():
-            self.send_error(404)
-            return
-        data = path.read_bytes()
-        header = self.headers.get("Range")
-        type(self).ranges.append(header)
-        start = int(header.removeprefix("bytes=").split("-")[0]) if header else 0
-        if start >= len(data) and header:
-            self.send_error(416)
-            return
-        self.send_response(206 if header else 200)
-        if header:
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        self.send_header("Content-Length", str(len(data) - start))
-        self.end_headers()
-        try:
-            for at in range(start, len(data), self.chunk):
-                self.wfile.write(data[at:at + self.chunk])
-                time.sleep(self.pause)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
 
 
 def download_section(ws: Path, runs: int, rng: np.random.Generator) -> dict:
@@ -683,31 +659,16 @@ def download_section(ws: Path, runs: int, rng: np.random.Generator) -> dict:
 # --------------------------------------------------------------------------- 4b. bit rot in a codes file
 
 
-def _as_v110(src: Path, dst: Path) -> None:
-    """The same codes file in the proposed format: HDF5 1.10 (its metadata carries checksums) with
-    fixed-length string attributes (kept in the checksummed object header, not in the global heap)."""
-    with h5py.File(src, "r") as fin, h5py.File(dst, "w", libver="v110") as fout:
-        for key, value in fin.attrs.items():
-            fout.attrs[key] = np.bytes_(value.encode("utf-8")) if isinstance(value, str) else value
-        for group in fin:
-            for name, ds in fin[group].items():
-                fout.create_dataset(f"{group}/{name}", data=ds[()], compression=ds.compression, shuffle=ds.shuffle,
-                                    fletcher32=ds.fletcher32)
-
-
 def corruption_section(ws: Path, ref: Reference, flips: int, rng: np.random.Generator) -> dict:
     """Flip one random byte of a codes file, ``flips`` times: refused, harmless, or silently different?"""
     from conmh.codes import read_codes
     from conmh.errors import ConMHError
 
     written = ref.run_dir / "codes.h5"
-    v110 = ws / "codes-v110.h5"
-    _as_v110(written, v110)
     expected = codes_arrays(written)
     meta = read_codes(written)
     out = {}
-    formats = (("as written by conmh (HDF5 earliest format)", written),
-               ("same content, proposed format (libver v110, fixed-length strings)", v110))
+    formats = (("as written by conmh (HDF5 1.10 format, fixed-length string attributes)", written),)
     for label, source in formats:
         data = source.read_bytes()
         counts = {"refused": 0, "identical": 0, "silently different": 0, "other exception": 0}

@@ -32,51 +32,22 @@ ACTIVITYNET = ("train_feats.h5", "test_feats.h5", "re_label.mat", "query_feats.h
 TIMEOUT = 120
 
 
-def _load_download():
-    spec = importlib.util.spec_from_file_location("faults_download", DOWNLOAD)
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
 
-download = _load_download()
+download = _load("faults_download", DOWNLOAD)
+RangeMirror = _load("faults_range_mirror", ROOT / "benchmarks" / "range_mirror.py").RangeMirror
 
 
-class Mirror(http.server.SimpleHTTPRequestHandler):
-    """Serves files with Range support; ``cut`` ends the first full response after that many bytes
-    (a dropped connection); ``pause`` slows every 64 KiB so that a transfer can be killed midway."""
+class Mirror(RangeMirror):
+    """The mirror of these tests: ``cut`` drops the first full response, ``pause`` slows it."""
 
-    cut: int | None = None
-    pause: float = 0.0
     ranges: list[str | None] = []
-
-    def log_message(self, *args) -> None:
-        pass
-
-    def do_GET(self) -> None:
-        path = Path(self.translate_path(self.path))
-        if not path.is_file():
-            self.send_error(404)
-            return
-        data = path.read_bytes()
-        header = self.headers.get("Range")
-        type(self).ranges.append(header)
-        start = int(header.removeprefix("bytes=").split("-")[0]) if header else 0
-        self.send_response(206 if header else 200)
-        if header:
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        self.send_header("Content-Length", str(len(data) - start))
-        self.end_headers()
-        body = data[start:]
-        if type(self).cut is not None and not header:
-            body = body[: type(self).cut]
-        try:
-            for at in range(0, len(body), 64 << 10):
-                self.wfile.write(body[at:at + (64 << 10)])
-                time.sleep(type(self).pause)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
 
 
 @pytest.fixture

@@ -31,6 +31,10 @@ def _load(name: str):
 
 
 download, job, report, steps = (_load(n) for n in ("download", "job", "report", "steps"))
+_mirror_spec = importlib.util.spec_from_file_location("workflow_range_mirror", ROOT / "benchmarks" / "range_mirror.py")
+range_mirror = importlib.util.module_from_spec(_mirror_spec)
+_mirror_spec.loader.exec_module(range_mirror)
+RangeMirror = range_mirror.RangeMirror
 
 
 @pytest.fixture
@@ -332,35 +336,8 @@ def test_run_sets_cuda_visible_devices_to_the_locked_gpu(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- download
 
 
-class RangeHandler(http.server.SimpleHTTPRequestHandler):
-    """Serves files with HTTP Range support, and records the Range headers it got."""
-
+class RangeHandler(RangeMirror):
     ranges: list[str | None] = []
-
-    def log_message(self, *args) -> None:  # keep the test output quiet
-        pass
-
-    def do_GET(self) -> None:
-        path = Path(self.translate_path(self.path))
-        if not path.is_file():
-            self.send_error(404)
-            return
-        data = path.read_bytes()
-        header = self.headers.get("Range")
-        type(self).ranges.append(header)
-        if header:
-            start = int(header.removeprefix("bytes=").split("-")[0])
-            if start >= len(data):
-                self.send_error(416)
-                return
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-            data = data[start:]
-        else:
-            self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
 
 @pytest.fixture
