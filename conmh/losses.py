@@ -73,8 +73,9 @@ def debiased_contrastive_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: f
     loss = mean of -log(pos / (pos + Ng)), on L2-normalised codes.
     """
     b = z1.shape[0]
-    if b < 2:
-        raise ValueError("the contrastive loss needs at least 2 videos in a batch")
+    if b < 1:
+        raise ValueError("the contrastive loss needs at least 1 video in a batch")
+    # b == 1 (a last partial batch of one video): no negatives, the loss is 0, as in the official code.
     u = F.normalize(torch.cat([z1, z2]).float(), dim=1)
     sim = torch.exp(u @ u.T / temperature)
     idx = torch.arange(2 * b, device=u.device)

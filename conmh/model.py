@@ -17,6 +17,7 @@ attention uses ``torch.nn.functional.scaled_dot_product_attention``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,7 +95,8 @@ def sinusoid_table(positions: int, dim: int) -> torch.Tensor:
 class BinaryActivation(torch.autograd.Function):
     """code = 2 * round(clamp((x + 1) / 2, 0, 1)) - 1.
 
-    Backward: straight-through for the rounding, zero where the clamp is active.
+    Backward: straight-through for the rounding, zero where the clamp is active
+    and at exactly x = -1 (as the official code).
     Written as an autograd Function (not the detach trick) so that the forward
     is the exact rounding in the input's dtype.
     """
@@ -108,7 +110,9 @@ class BinaryActivation(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         (y,) = ctx.saved_tensors
-        inside = (y >= 0) & (y <= 1)
+        # 0 < y <= 1, as the official code: its clamp zeroes y > 1 and y < 0, and
+        # its rounding's backward also zeroes y == 0 (x == -1 exactly).
+        inside = (y > 0) & (y <= 1)
         # d code / d x = 2 * d round(y)/dy (=1, straight through) * d y/dx (=1/2)
         return grad * inside.to(grad.dtype)
 
@@ -182,6 +186,29 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def xavier_init(module: nn.Module) -> None:
+    """The official encoder's and decoder's init: Xavier-uniform Linear weights, zero biases, unit LayerNorms."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def truncated_normal_(tensor: torch.Tensor, std: float) -> torch.Tensor:
+    """Normal(0, std) truncated at +-std, drawn as the official code draws it.
+
+    Inverse-CDF sampling: one uniform draw per value in [2 Phi(-1) - 1,
+    2 Phi(1) - 1], then erfinv. Written out because ``nn.init.trunc_normal_``
+    of recent PyTorch samples by rejection: other draws from the same seed.
+    """
+    edge = math.erf(1.0 / math.sqrt(2.0))  # 2 Phi(1) - 1
+    with torch.no_grad():
+        return tensor.uniform_(-edge, edge).erfinv_().mul_(std * math.sqrt(2.0)).clamp_(-std, std)
+
+
 class Encoder(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -193,6 +220,7 @@ class Encoder(nn.Module):
         )
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=1e-6)
         self.head = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.apply(xavier_init)
 
     def forward(self, feats: torch.Tensor, frame_idx: torch.Tensor | None = None) -> torch.Tensor:
         """Encode ``feats`` (B, V, D): the frames at positions ``frame_idx`` (B, V).
@@ -215,6 +243,7 @@ class Decoder(nn.Module):
         )
         self.norm = nn.LayerNorm(cfg.decoder_dim, eps=1e-6)
         self.head = nn.Linear(cfg.decoder_dim, cfg.feature_dim)
+        self.apply(xavier_init)
 
     def forward(self, x: torch.Tensor, num_masked: int) -> torch.Tensor:
         for block in self.blocks:
@@ -223,30 +252,27 @@ class Decoder(nn.Module):
 
 
 class ConMH(nn.Module):
-    """Encoder + hash layer + (training only) decoder."""
+    """Encoder + hash layer + (training only) decoder.
+
+    Initialisation as in the official code: the encoder and the decoder apply
+    ``xavier_init`` to their own layers; the hash layer (``binary``, ``ln``) and
+    ``encoder_to_decoder`` keep PyTorch's default init (the official outer
+    init function is never called); the mask token is a normal of std 0.02
+    truncated at one standard deviation. Submodules are built in the official
+    order, so the same torch seed gives the official model's initial weights.
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.encoder = Encoder(cfg)
-        self.binary = nn.Linear(cfg.hidden_size, cfg.nbits)
-        self.ln = nn.LayerNorm(cfg.nbits)
+        self.decoder = Decoder(cfg)
         self.encoder_to_decoder = nn.Linear(cfg.nbits, cfg.decoder_dim, bias=False)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.decoder_dim))
         self.register_buffer("decoder_pos", sinusoid_table(cfg.frames, cfg.decoder_dim), persistent=False)
-        self.decoder = Decoder(cfg)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.binary = nn.Linear(cfg.hidden_size, cfg.nbits)
+        self.ln = nn.LayerNorm(cfg.nbits)
+        truncated_normal_(self.mask_token, std=0.02)
 
     def forward(
         self, visible_feats: torch.Tensor, visible_idx: torch.Tensor, masked_idx: torch.Tensor

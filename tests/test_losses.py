@@ -102,8 +102,14 @@ def test_gather_frames_takes_each_video_twice() -> None:
     assert out.tolist() == [[0, 1], [6, 7], [1, 3], [4, 6]]
 
 
-def test_bad_mask_ratio_and_tiny_batch_refused() -> None:
+def test_bad_mask_ratio_and_empty_batch_refused() -> None:
     with pytest.raises(ValueError):
         num_visible(25, 1.0)
     with pytest.raises(ValueError):
-        debiased_contrastive_loss(torch.randn(1, 4), torch.randn(1, 4), 0.5, 0.1)
+        debiased_contrastive_loss(torch.randn(0, 4), torch.randn(0, 4), 0.5, 0.1)
+
+
+def test_dcl_of_one_video_is_zero_as_the_official_code() -> None:
+    # A last partial batch of one video has no negatives: Ng is clamped at 0 and -log(pos / pos) = 0.
+    loss = debiased_contrastive_loss(torch.randn(1, 4), torch.randn(1, 4), 0.5, 0.1)
+    assert loss.item() == 0.0

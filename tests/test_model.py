@@ -90,8 +90,83 @@ def test_binary_activation_forward_and_gradient() -> None:
     # (x + 1) / 2 = 0.5 at x = 0 rounds half to even: 0 -> code -1
     assert y.tolist() == [-1.0, -1.0, -1.0, -1.0, 1.0, 1.0, 1.0]
     y.sum().backward()
-    # straight through inside the clamp, zero outside
-    assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0]
+    # straight through inside the clamp, zero outside and at exactly x = -1
+    # (the official rounding's backward zeroes y = (x + 1) / 2 == 0); x = 1 passes
+    assert x.grad.tolist() == [0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0]
+
+
+def _official_truncated_normal(tensor: torch.Tensor, std: float) -> None:
+    """Transcription of the official ``trunc_normal_``: bounds at -std and +std."""
+    import math
+
+    def cdf(v: float) -> float:
+        return (1.0 + math.erf(v / math.sqrt(2.0))) / 2.0
+
+    lo, hi = cdf(-1.0), cdf(1.0)
+    with torch.no_grad():
+        tensor.uniform_(2 * lo - 1, 2 * hi - 1).erfinv_().mul_(std * math.sqrt(2.0)).clamp_(min=-std, max=std)
+
+
+def official_initial_state(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
+    """The official constructor's random draws, transcribed in their order (see the class docstring of ConMH).
+
+    Each Linear is first built (PyTorch's default init draws), then the encoder
+    and the decoder re-draw theirs with Xavier-uniform and zero biases; the outer
+    model's own Linears (encoder_to_decoder, binary) keep the default init.
+    """
+    from torch import nn
+
+    torch.manual_seed(seed)
+    state: dict[str, torch.Tensor] = {}
+
+    def linears(prefix: str, dim: int, heads: int, depth: int, mlp: int, first: tuple, last: tuple) -> list:
+        inner = (dim // heads) * heads
+        layers = [(f"{prefix}.{first[0]}", nn.Linear(*first[1:]))] if first else []
+        for i in range(depth):
+            b = f"{prefix}.blocks.{i}"
+            layers += [(f"{b}.attn.qkv", nn.Linear(dim, 3 * inner, bias=False)), (f"{b}.attn.proj", nn.Linear(inner, dim)),
+                       (f"{b}.mlp.fc1", nn.Linear(dim, mlp)), (f"{b}.mlp.fc2", nn.Linear(mlp, dim))]
+        return layers + [(f"{prefix}.{last[0]}", nn.Linear(*last[1:]))]
+
+    def xavier(layers: list) -> None:
+        for name, layer in layers:
+            nn.init.xavier_uniform_(layer.weight)
+            state[f"{name}.weight"] = layer.weight.detach()
+            if layer.bias is not None:
+                state[f"{name}.bias"] = torch.zeros_like(layer.bias)
+
+    h, dd = cfg.hidden_size, cfg.decoder_dim
+    xavier(linears("encoder", h, cfg.encoder_heads, cfg.encoder_depth, int(h * cfg.mlp_ratio),
+                   ("patch_embed", cfg.feature_dim, h), ("head", h, h)))
+    xavier(linears("decoder", dd, cfg.decoder_heads, cfg.decoder_depth, int(dd * cfg.mlp_ratio),
+                   (), ("head", dd, cfg.feature_dim)))
+    state["encoder_to_decoder.weight"] = nn.Linear(cfg.nbits, dd, bias=False).weight.detach()
+    binary = nn.Linear(h, cfg.nbits)
+    state["binary.weight"], state["binary.bias"] = binary.weight.detach(), binary.bias.detach()
+    mask_token = torch.zeros(1, 1, dd)
+    _official_truncated_normal(mask_token, std=0.02)
+    state["mask_token"] = mask_token
+    return state
+
+
+@pytest.mark.parametrize("preset", ["mini", "small"])
+def test_initial_weights_equal_the_official_initialisation(preset: str) -> None:
+    cfg = ModelConfig.from_preset(preset, feature_dim=64, nbits=16, frames=25)
+    expected = official_initial_state(cfg, seed=3)
+    torch.manual_seed(3)
+    ours = ConMH(cfg).state_dict()
+    for name, value in ours.items():
+        if name in expected:
+            assert torch.equal(value, expected[name]), name
+        elif name.endswith("q_bias") or name.endswith("v_bias") or ".norm" in name or name.startswith("ln."):
+            # zeros, or LayerNorm ones/zeros: drawn from nothing
+            fill = 1.0 if name.endswith("weight") else 0.0
+            assert torch.all(value == fill), name
+        else:
+            raise AssertionError(f"{name} is not covered by the transcription")
+    # The hash layer keeps PyTorch's default init: uniform within 1/sqrt(fan_in), not Xavier's wider bound.
+    assert ours["binary.weight"].abs().max() <= cfg.hidden_size**-0.5
+    assert ours["mask_token"].abs().max() <= 0.02
 
 
 def test_embedding_visible_frames_equals_embedding_all_then_selecting() -> None:
