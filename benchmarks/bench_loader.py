@@ -1,9 +1,14 @@
 """Streaming loader: peak memory must not grow with the dataset, and the loader must outrun training.
 
+The streaming loader reads a uniform shuffle of the whole training set, one
+batch at a time (sorted point selections in HDF5), in a background thread.
 For each size (default 1 and 8 GB) it writes a float32 ``feats`` HDF5 file of
 FCVID's shape (T=25, D=4096) once, then in a fresh process each:
 
-* loader only: one full epoch of ``StreamingBatches`` (batch 512);
+* loader only, warm: one full epoch of ``StreamingBatches`` (batch 512), the
+  file in the page cache;
+* loader only, cold: the same after dropping the page cache (root only;
+  skipped elsewhere), so every row comes from the disk;
 * training: ``--steps`` training steps of the ``small`` preset fed by the
   streaming loader (batch ``--train-batch``), in a process set up as
   ``conmh train`` sets it up (glibc keeps freed memory; ``--default-allocator``
@@ -48,6 +53,16 @@ def make_file(path: Path, gigabytes: float) -> int:
     return n
 
 
+def drop_page_cache() -> bool:
+    """Empty the kernel's page cache (needs root); False where that is not allowed."""
+    try:
+        subprocess.run(["sync"], check=True)
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
@@ -70,7 +85,7 @@ def child(mode: str, path: str, steps: int, batch: int, threads: int, default_al
     with FeatureFiles([path]) as ff:
         stream = StreamingBatches(ff)
         videos, tic = 0, time.perf_counter()
-        if mode == "loader":
+        if mode.startswith("loader"):
             for x in stream.epoch(1, 0, 512):
                 videos += len(x)
         else:
@@ -112,7 +127,9 @@ def main() -> None:
         tic = time.perf_counter()
         n = make_file(path, size)
         print(f"{path}: {n} videos ready ({time.perf_counter() - tic:.0f}s)", file=sys.stderr)
-        for mode in ("loader", "train"):
+        for mode in ("loader", "loader-cold", "train"):
+            if mode == "loader-cold" and not drop_page_cache():
+                continue
             cmd = [sys.executable, __file__, "--child", mode, str(path), "--steps", str(args.steps),
                    "--train-batch", str(args.train_batch), "--threads", str(args.threads)]
             cmd += ["--default-allocator"] if args.default_allocator else []

@@ -90,11 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from OUT/checkpoint.pt when it exists, so rerunning the same command after a "
                         "crash loses at most one epoch; --no-resume refuses to touch an existing run (default: resume)")
     p.add_argument("--data-mode", default="auto", choices=["auto", "memory", "stream"],
-                   help="memory: hold the training array in RAM (or GPU memory, bf16, on CUDA); stream: read HDF5 "
-                        "in shuffled blocks with bounded memory; auto: memory when it fits (default: auto)")
+                   help="memory: hold the training array in RAM (or GPU memory on CUDA) in the compute dtype; "
+                        "stream: read each shuffled batch from HDF5 in a background thread, bounded memory; "
+                        "auto: memory when it fits (default: auto)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="compute precision: fp32, or bf16 autocast (faster, other rounding; the official code "
-                        "is fp32); auto: bf16 on CUDA, fp32 on CPU (default: auto)")
+                   help="compute precision: fp32 (as the official code; TF32 off on CUDA), or bf16 autocast "
+                        "(faster, other rounding, see the README); auto: fp32 on every device (default: auto)")
     p.add_argument("--default-allocator", action="store_true",
                    help="keep glibc's malloc defaults; by default freed memory stays in the process between "
                         "steps, which saves page faults (faster on CPU) but keeps RSS at its peak")

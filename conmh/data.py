@@ -200,6 +200,8 @@ class FeatureFiles:
             )
         self._files: list[h5py.File] | None = []
         self._pid = os.getpid()
+        self._raw_offsets: dict[int, int | None] = {}
+        self._offsets_pid = self._pid
         try:
             for p in self.paths:
                 self._files.append(_open_h5(p))
@@ -266,10 +268,43 @@ class FeatureFiles:
         f = int(np.searchsorted(self.offsets, row, side="right") - 1)
         return self.paths[f], int(row - self.offsets[f])
 
+    def _raw_offset(self, f: int) -> int | None:
+        """Byte offset of file ``f``'s array when it is stored contiguous, unfiltered, native float32."""
+        if self._offsets_pid != os.getpid():
+            self._raw_offsets, self._offsets_pid = {}, os.getpid()
+        if f not in self._raw_offsets:
+            ds = self._datasets()[f]
+            plain = ds.chunks is None and not ds.compression and ds.dtype == np.dtype("=f4")
+            self._raw_offsets[f] = ds.id.get_offset() if plain else None
+        return self._raw_offsets[f]
+
+    def _read_rows_raw(self, f: int, rows: np.ndarray, offset: int) -> np.ndarray:
+        """Sorted unique ``rows`` of file ``f`` by positioned reads of their bytes (runs read at once).
+
+        Written by hand because HDF5 point selections of scattered 400 KB rows
+        (a shuffled training batch) run about 3x slower (benchmarks/README.md);
+        reads go through the page cache without mapping the file into the process.
+        """
+        shape = self.shapes[f][1:]
+        out = np.empty((len(rows), *shape), dtype=np.float32)
+        row_bytes = out[0].nbytes if len(rows) else 0
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        with open(self.paths[f], "rb", buffering=0) as fh:
+            for lo, hi in zip(np.concatenate([[0], breaks]), np.concatenate([breaks, [len(rows)]])):
+                want = (hi - lo) * row_bytes
+                got = os.preadv(fh.fileno(), [memoryview(out[lo:hi]).cast("B")], offset + int(rows[lo]) * row_bytes)
+                if got != want:
+                    raise OSError(f"short read: {got} of {want} bytes at row {int(rows[lo])}, the file is truncated")
+        return out
+
     def _read_file(self, f: int, sel: slice | np.ndarray) -> np.ndarray:
         """Rows of file ``f``, refused when unreadable or not finite (a NaN would train a NaN model)."""
         try:
-            rows = np.asarray(self._datasets()[f][sel], dtype=np.float32)
+            offset = self._raw_offset(f) if isinstance(sel, np.ndarray) else None
+            if offset is None:
+                rows = np.asarray(self._datasets()[f][sel], dtype=np.float32)
+            else:
+                rows = self._read_rows_raw(f, sel, offset)
         except _H5_ERRORS as e:
             raise DataError(f"{self.paths[f]}: reading key {self.key!r} failed, the file is corrupt ({e})") from e
         if not np.isfinite(rows).all():

@@ -1,15 +1,21 @@
-"""Where training batches come from: resident arrays or HDF5 streamed in blocks.
+"""Where training batches come from: an array held on the device, or HDF5 read per batch.
 
-* :class:`ResidentBatches` holds the whole training array on the training
-  device (host RAM, or GPU memory in bf16 on CUDA) and gathers random batches.
-* :class:`StreamingBatches` reads the HDF5 files in contiguous blocks, in a
-  random block order, through a shuffle buffer of a few blocks, with a
-  background thread reading ahead. Memory is bounded by the buffer, not by the
-  dataset, so a 168 GB training set trains in a few GB of RAM.
+Both follow the official loader: every epoch is one uniform shuffle of the
+whole training set (a permutation drawn from ``(seed, epoch)`` only), cut into
+batches of ``batch_size`` videos, **the last one partial** (no ``drop_last``).
+Each batch's indices are sorted, so both sources give the same batches in
+the same row order and a streamed run trains exactly as an in-memory one.
 
-Both give each epoch's batches as a function of ``(seed, epoch)`` only, so a
-resumed run sees exactly the batches an uninterrupted one would. With several
-processes (DDP) each rank yields its own share of every global batch.
+* :class:`ResidentBatches` holds the whole array on the training device (host
+  RAM, or GPU memory) in the compute dtype and gathers each batch there.
+* :class:`StreamingBatches` reads each batch's rows from the HDF5 files (one
+  sorted point selection per file) in a background thread, a few batches
+  ahead. Memory is bounded by those few batches, not by the dataset, so a
+  168 GB training set trains in a few GB of RAM.
+
+With several processes (DDP) rank ``r`` takes every ``world``-th video of each
+global batch; a last partial batch loses its ``len % world`` trailing videos
+so that every rank has an equal share (the all-gather of the codes needs it).
 """
 
 from __future__ import annotations
@@ -23,76 +29,75 @@ import torch
 
 from .data import FeatureFiles
 
-# Batches drawn per epoch never include a trailing partial global batch: the
-# contrastive loss wants its full set of negatives (unless the set is tiny).
 
-
-def _rng(seed: int, epoch: int) -> np.random.Generator:
-    return np.random.default_rng([seed, epoch, 0x10AD])
+def epoch_batches(n: int, seed: int, epoch: int, batch_size: int, world: int = 1) -> list[np.ndarray]:
+    """The global batches of one epoch: sorted index arrays, the last one possibly partial."""
+    order = np.random.default_rng([seed, epoch, 0x10AD]).permutation(n)
+    batches = []
+    for start in range(0, n, batch_size):
+        idx = order[start:start + batch_size]
+        idx = idx[: len(idx) - len(idx) % world]
+        if len(idx):
+            batches.append(np.sort(idx))
+    return batches
 
 
 class ResidentBatches:
-    """The whole array on ``device``; batch ``i`` of an epoch is a slice of one permutation."""
+    """The whole array on ``device`` in ``dtype``; batches are gathered there."""
 
     def __init__(self, feats: np.ndarray | FeatureFiles, device: torch.device, dtype: torch.dtype = torch.float32,
                  block_rows: int = 1024) -> None:
         if isinstance(feats, np.ndarray):
             self.n, self.frames, self.dim = feats.shape
-            self.array = torch.from_numpy(np.ascontiguousarray(feats, dtype=np.float32)).to(device, dtype)
         else:
             self.n, self.frames, self.dim = feats.n, feats.frames, feats.dim
-            # Fill block by block, so host memory holds one block at a time.
-            self.array = torch.empty((self.n, self.frames, self.dim), dtype=dtype, device=device)
-            for start, block in feats.iter_blocks(block_rows):
-                self.array[start:start + len(block)] = torch.from_numpy(block).to(device, dtype)
         self.device = device
+        if isinstance(feats, np.ndarray) and device.type == "cpu" and dtype == torch.float32:
+            self.array = torch.from_numpy(np.ascontiguousarray(feats, dtype=np.float32))  # no copy
+            return
+        # Fill block by block, so host memory holds one converted block at a time.
+        self.array = torch.empty((self.n, self.frames, self.dim), dtype=dtype, device=device)
+        for start in range(0, self.n, block_rows):
+            stop = min(self.n, start + block_rows)
+            block = feats[start:stop] if isinstance(feats, np.ndarray) else feats.read(start, stop)
+            self.array[start:stop] = torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32)).to(device, dtype)
 
     def epoch(self, seed: int, epoch: int, batch_size: int, rank: int = 0, world: int = 1) -> Iterator[torch.Tensor]:
-        order = torch.from_numpy(_rng(seed, epoch).permutation(self.n))
-        n_batches = max(1, self.n // batch_size)
-        for i in range(n_batches):
-            idx = order[i * batch_size:(i + 1) * batch_size] if self.n >= batch_size else order
-            idx = idx[: len(idx) - len(idx) % world]  # equal shares: DDP gathers equal-sized codes
-            yield self.array[idx[rank::world].to(self.device)]
+        for idx in epoch_batches(self.n, seed, epoch, batch_size, world):
+            yield self.array[torch.from_numpy(idx[rank::world]).to(self.device)]
 
 
 class StreamingBatches:
-    """Random batches from HDF5 with bounded memory.
+    """Each batch read from ``feats`` (HDF5 files, or an array) by a background thread.
 
-    An epoch shuffles the list of blocks (``block_rows`` contiguous videos
-    each), deals them to the ranks, and streams each rank's blocks in groups of
-    ``buffer_blocks``: a group's rows (plus the rows left over from the last
-    group) are shuffled and cut into batches. Peak memory is about
-    ``(buffer_blocks + prefetch) * block_rows`` videos.
+    Yields float32 CPU tensors; the training loop moves them to the device in
+    the compute dtype. Peak memory is about ``prefetch + 1`` batches.
     """
 
-    def __init__(self, feats: FeatureFiles, block_rows: int = 256, buffer_blocks: int = 8, prefetch: int = 2) -> None:
-        if block_rows < 1 or buffer_blocks < 1 or prefetch < 1:
-            raise ValueError("block_rows, buffer_blocks and prefetch must be positive")
+    def __init__(self, feats: FeatureFiles | np.ndarray, prefetch: int = 3) -> None:
+        if prefetch < 1:
+            raise ValueError("prefetch must be positive")
         self.feats = feats
-        self.n, self.frames, self.dim = feats.n, feats.frames, feats.dim
-        self.block_rows, self.buffer_blocks, self.prefetch = block_rows, buffer_blocks, prefetch
-        self.starts = np.arange(0, self.n, block_rows)
+        self.n, self.frames, self.dim = feats.shape if isinstance(feats, np.ndarray) else (
+            feats.n, feats.frames, feats.dim)
+        self.prefetch = prefetch
 
-    def _block_plan(self, seed: int, epoch: int, world: int) -> tuple[np.random.Generator, list[np.ndarray]]:
-        rng = _rng(seed, epoch)
-        order = self.starts[rng.permutation(len(self.starts))]
-        return rng, [order[r::world] for r in range(world)]
+    def _read(self, idx: np.ndarray) -> np.ndarray:
+        if isinstance(self.feats, np.ndarray):
+            return np.ascontiguousarray(self.feats[idx], dtype=np.float32)
+        return self.feats.take(idx)
 
-    def _rows(self, starts: np.ndarray) -> int:
-        return int(sum(min(self.block_rows, self.n - s) for s in starts))
-
-    def _read_ahead(self, starts: np.ndarray) -> Iterator[np.ndarray]:
-        """Blocks in ``starts`` order, read by a background thread up to ``prefetch`` ahead."""
+    def epoch(self, seed: int, epoch: int, batch_size: int, rank: int = 0, world: int = 1) -> Iterator[torch.Tensor]:
+        plan = [idx[rank::world] for idx in epoch_batches(self.n, seed, epoch, batch_size, world)]
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
 
         def work() -> None:
             try:
-                for s in starts:
+                for idx in plan:
                     if stop.is_set():
                         return
-                    q.put(self.feats.read(int(s), int(min(self.n, s + self.block_rows))))
+                    q.put(self._read(idx))
                 q.put(None)
             except BaseException as exc:  # hand read errors to the consumer
                 q.put(exc)
@@ -103,7 +108,7 @@ class StreamingBatches:
             while (item := q.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
-                yield item
+                yield torch.from_numpy(item)
         finally:
             stop.set()
             while thread.is_alive():  # unblock a worker waiting on a full queue
@@ -111,50 +116,3 @@ class StreamingBatches:
                     q.get_nowait()
                 except queue.Empty:
                     thread.join(timeout=0.05)
-
-    def epoch(self, seed: int, epoch: int, batch_size: int, rank: int = 0, world: int = 1) -> Iterator[torch.Tensor]:
-        rng, plans = self._block_plan(seed, epoch, world)
-        local = max(1, batch_size // world)
-        # Every rank must take the same number of steps: the smallest share decides.
-        steps = min(self._rows(p) for p in plans) // local
-        if steps == 0:  # fewer videos than one batch: one batch of what there is
-            steps, local = 1, min(self._rows(p) for p in plans)
-        # Draw this rank's buffer permutations from a per-rank stream, so ranks differ.
-        rank_rng = np.random.default_rng([int(rng.integers(1 << 62)), rank])
-        # One preallocated buffer: blocks are copied in as they arrive; after a
-        # shuffle the rows left over (fewer than a batch) move to its front.
-        pool = np.empty((self.buffer_blocks * self.block_rows + local, self.frames, self.dim), dtype=np.float32)
-        filled = blocks_in = done = 0
-        blocks = self._read_ahead(plans[rank])
-        try:
-            for last, block in _mark_last(blocks):
-                pool[filled:filled + len(block)] = block
-                filled += len(block)
-                blocks_in += 1
-                if blocks_in < self.buffer_blocks and not last:
-                    continue
-                perm = rank_rng.permutation(filled)
-                usable = filled - filled % local
-                for i in range(0, usable, local):
-                    if done == steps:
-                        return
-                    yield torch.from_numpy(pool[np.sort(perm[i:i + local])])
-                    done += 1
-                rest = np.sort(perm[usable:])
-                pool[:len(rest)] = pool[rest]
-                filled, blocks_in = len(rest), 0
-        finally:
-            blocks.close()
-
-
-def _mark_last(items: Iterator[np.ndarray]) -> Iterator[tuple[bool, np.ndarray]]:
-    """(is_last, item) pairs, looking one item ahead."""
-    it = iter(items)
-    try:
-        prev = next(it)
-    except StopIteration:
-        return
-    for item in it:
-        yield False, prev
-        prev = item
-    yield True, prev

@@ -44,14 +44,14 @@ FINAL_MODEL = "model.pt"
 LOG = "train_log.jsonl"
 CHECKPOINT_FORMAT = "conmh-train-1"
 
-# Training arrays up to this size are held in host memory; larger ones are
-# streamed from HDF5 (data mode "auto").
+# Data mode "auto": on the CPU, training arrays up to this size are held in
+# host memory; on CUDA, arrays that take at most GPU_RESIDENT_FRACTION of the
+# free GPU memory (in the compute dtype) are held there. Larger ones are streamed.
 IN_MEMORY_LIMIT_BYTES = 4 << 30
-# On CUDA the array is held in GPU memory in bf16 when it takes at most this
-# fraction of the free GPU memory.
 GPU_RESIDENT_FRACTION = 0.5
 DATA_MODES = ("auto", "memory", "stream")
 PRECISIONS = ("auto", "fp32", "bf16")
+COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -73,30 +73,54 @@ def epoch_generator(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1024 + rank)
 
 
-def make_batches(feats, device: torch.device, mode: str = "auto") -> ResidentBatches | StreamingBatches:
-    """Pick where batches come from (see ``conmh.loader``)."""
+def compute_precision(precision: str = "auto") -> str:
+    """``auto`` and ``fp32``: float32 on every device, as the official code trains;
+    ``bf16``: bf16 autocast, asked for explicitly (other rounding, see README)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return "fp32" if precision == "auto" else precision
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    """Where training batches come from: the array held on the device (``resident``) or streamed."""
+
+    resident: bool
+    dtype: torch.dtype  # of the array held on the device; streamed batches are cast to it
+
+
+def plan_data(nbytes_fp32: int, device_type: str, precision: str, mode: str = "auto",
+              free_device_bytes: int | None = None) -> DataPlan:
+    """Decide resident or streamed for a training array of ``nbytes_fp32`` bytes in float32.
+
+    The held array has the compute dtype (float32, or bf16 under bf16
+    autocast). ``free_device_bytes`` is the free GPU memory (CUDA only).
+    """
     if mode not in DATA_MODES:
         raise ConfigError(f"data mode must be one of {DATA_MODES}, got {mode!r}")
-    if isinstance(feats, np.ndarray):
-        return ResidentBatches(feats, device)
-    nbytes = feats.n * feats.frames * feats.dim * 4
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        if mode == "memory" or (mode == "auto" and nbytes / 2 <= GPU_RESIDENT_FRACTION * free):
-            return ResidentBatches(feats, device, dtype=torch.bfloat16)
-        return StreamingBatches(feats)
-    if mode == "memory" or (mode == "auto" and nbytes <= IN_MEMORY_LIMIT_BYTES):
-        return ResidentBatches(feats, device)
+    dtype = COMPUTE_DTYPES[compute_precision(precision)]
+    if mode != "auto":
+        return DataPlan(resident=mode == "memory", dtype=dtype)
+    held = nbytes_fp32 * dtype.itemsize // 4
+    if device_type == "cuda":
+        if free_device_bytes is None:
+            raise ValueError("plan_data needs the free GPU memory for a CUDA device")
+        return DataPlan(resident=held <= GPU_RESIDENT_FRACTION * free_device_bytes, dtype=dtype)
+    return DataPlan(resident=held <= IN_MEMORY_LIMIT_BYTES, dtype=dtype)
+
+
+def make_batches(feats, device: torch.device, plan: DataPlan) -> ResidentBatches | StreamingBatches:
+    """The batch source of ``plan`` (see ``conmh.loader``)."""
+    if plan.resident:
+        return ResidentBatches(feats, device, dtype=plan.dtype)
     return StreamingBatches(feats)
 
 
-def compute_precision(device: torch.device, precision: str = "auto") -> str:
-    """``auto``: bf16 autocast on CUDA, float32 elsewhere (as the official code)."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
+def set_float32_matmul(device: torch.device) -> None:
+    """float32 means float32: no TF32 in CUDA matrix products and convolutions."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
 
 
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -216,7 +240,8 @@ def train(
         for stale in out_dir.glob(".*.pt.*.tmp"):  # left by a process killed mid-write
             stale.unlink(missing_ok=True)
     dev = select_device(device)
-    precision = compute_precision(dev, precision)
+    precision = compute_precision(precision)
+    set_float32_matmul(dev)
     n, frames, dim = feats.shape if isinstance(feats, np.ndarray) else (feats.n, feats.frames, feats.dim)
     if (frames, dim) != (cfg.frames, cfg.feature_dim):
         raise ConfigError(
@@ -248,7 +273,10 @@ def train(
     if lead:
         write_text_atomic(log_path, "".join(json.dumps(e) + "\n" for e in log))
 
-    batches = make_batches(feats, dev, data_mode)
+    free = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else None
+    plan = plan_data(n * frames * dim * 4, dev.type, precision, data_mode, free)
+    batches = make_batches(feats, dev, plan)
+    steps_per_epoch = -(-n // recipe.batch_size)
     net: nn.Module = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None) \
         if world > 1 else model
     end = recipe.epochs if stop_after is None else min(recipe.epochs, stop_after)
@@ -261,10 +289,10 @@ def train(
         sums = torch.zeros(4, dtype=torch.float64)  # loss, recon, contrast (x videos), videos
         tic = time.perf_counter()
         bar = tqdm(batches.epoch(recipe.seed, epoch, recipe.batch_size, rank, world),
-                   total=max(1, n // recipe.batch_size), desc=f"epoch {epoch + 1}/{recipe.epochs}",
+                   total=steps_per_epoch, desc=f"epoch {epoch + 1}/{recipe.epochs}",
                    disable=not (progress and lead), leave=False)
         for x in bar:
-            x = x.to(dev, non_blocking=True)
+            x = x.to(dev, plan.dtype, non_blocking=True)
             with autocast_context(dev, precision):
                 out = training_step(net, x, recipe, gen)
             optimizer.zero_grad(set_to_none=True)

@@ -130,6 +130,30 @@ def test_take_reads_only_requested_rows(ds, monkeypatch: pytest.MonkeyPatch) -> 
     ff.close()
 
 
+@pytest.mark.parametrize("storage", [{}, {"chunks": (2, 3, 8)}, {"compression": "gzip"}])
+def test_scattered_rows_read_alike_from_any_hdf5_storage(tmp_path: Path, storage: dict) -> None:
+    """Contiguous files are read by positioned reads, chunked or compressed ones through HDF5: same rows."""
+    feats = np.random.default_rng(0).standard_normal((40, 3, 8)).astype(np.float32)
+    with h5py.File(tmp_path / "f.h5", "w") as fh:
+        fh.create_dataset("feats", data=feats, **storage)
+    idx = np.array([39, 0, 1, 2, 17, 5, 6, 38, 17])
+    with FeatureFiles([tmp_path / "f.h5"]) as ff:
+        np.testing.assert_array_equal(ff.take(idx), feats[idx])
+
+
+def test_a_file_truncated_under_a_reader_is_refused(tmp_path: Path) -> None:
+    feats = np.ones((40, 3, 8), dtype=np.float32)
+    with h5py.File(tmp_path / "f.h5", "w") as fh:
+        fh.create_dataset("feats", data=feats)
+    with FeatureFiles([tmp_path / "f.h5"]) as ff:
+        ff.take(np.array([1, 3]))  # open, offsets known
+        size = (tmp_path / "f.h5").stat().st_size
+        with open(tmp_path / "f.h5", "r+b") as fh:
+            fh.truncate(size - 5 * 3 * 8 * 4)
+        with pytest.raises(DataError, match=r"f\.h5.*truncated"):
+            ff.take(np.array([2, 38]))
+
+
 def test_feature_files_survive_pickling_and_close(ds) -> None:
     root = ds("activitynet")
     ff = open_split("activitynet", root, "queries")

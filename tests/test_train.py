@@ -89,6 +89,56 @@ def test_streaming_resume_is_exact(tmp_path: Path, feats) -> None:
         assert torch.equal(v, final_state(tmp_path / "b")[k]), k
 
 
+def test_streamed_training_equals_in_memory_training(tmp_path: Path, feats, uninterrupted: Path) -> None:
+    """Both sources draw the same uniform shuffle and the same sorted batches: identical weights."""
+    with FeatureFiles([write_h5(tmp_path / "train.h5", feats)]) as ff:
+        train(ff, CFG, RECIPE, tmp_path / "run", device="cpu", progress=False, data_mode="stream")
+    for k, v in final_state(tmp_path / "run").items():
+        assert torch.equal(v, final_state(uninterrupted)[k]), k
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("mode", ["memory", "stream"])
+@pytest.mark.parametrize("source", ["array", "hdf5"])
+def test_every_precision_data_mode_and_input_trains(tmp_path: Path, feats, precision: str, mode: str,
+                                                    source: str) -> None:
+    """A real training epoch (partial last batch included) for each combination; the log records it."""
+    data = feats if source == "array" else FeatureFiles([write_h5(tmp_path / "train.h5", feats)])
+    try:
+        result = train(data, CFG, RECIPE, tmp_path / "run", device="cpu", progress=False, data_mode=mode,
+                       precision=precision, stop_after=1)
+    finally:
+        if source == "hdf5":
+            data.close()
+    (entry,) = result.log
+    assert entry["precision"] == precision and np.isfinite(entry["loss"])
+    assert entry["videos_per_s"] * entry["seconds"] == pytest.approx(len(feats))  # every video, once
+
+
+def test_data_plan_decides_residence_and_dtype() -> None:
+    from conmh.train import DataPlan, plan_data
+
+    gib = 1 << 30
+    # The array held on the device has the compute dtype; auto is float32 everywhere.
+    assert plan_data(gib, "cuda", "auto", free_device_bytes=80 * gib) == DataPlan(True, torch.float32)
+    assert plan_data(gib, "cuda", "bf16", free_device_bytes=80 * gib) == DataPlan(True, torch.bfloat16)
+    # FCVID's 18.7 GB: resident on an 80 GB GPU in fp32, streamed when half the free memory is too little.
+    fcvid = 45_585 * 25 * 4096 * 4
+    assert plan_data(fcvid, "cuda", "fp32", free_device_bytes=79 * gib).resident
+    assert not plan_data(fcvid, "cuda", "fp32", free_device_bytes=30 * gib).resident
+    assert plan_data(fcvid, "cuda", "bf16", free_device_bytes=30 * gib).resident  # half the bytes in bf16
+    # CPU: held in RAM up to 4 GiB of the compute dtype.
+    assert plan_data(4 * gib, "cpu", "fp32").resident and not plan_data(4 * gib + 4, "cpu", "fp32").resident
+    assert plan_data(8 * gib, "cpu", "bf16") == DataPlan(True, torch.bfloat16)
+    # An explicit mode wins.
+    assert not plan_data(1, "cpu", "fp32", "stream").resident
+    assert plan_data(fcvid, "cuda", "fp32", "memory", free_device_bytes=1).resident
+    with pytest.raises(ConfigError, match="data mode"):
+        plan_data(1, "cpu", "fp32", "disk")
+    with pytest.raises(ValueError, match="free GPU memory"):
+        plan_data(1, "cuda", "fp32")
+
+
 def test_log_schedule_and_loss_decrease(uninterrupted: Path) -> None:
     log = [json.loads(line) for line in (uninterrupted / LOG).read_text().splitlines()]
     assert [e["lr"] for e in log] == [1e-3, 5e-4, 3e-4, 3e-4]  # step 1, gamma 0.5, floor 3e-4
@@ -132,36 +182,40 @@ def test_resident_batches_follow_seed_and_epoch(feats) -> None:
     c = [x.numpy() for x in data.epoch(1, 8, 8)]
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert not all(np.array_equal(x, y) for x, y in zip(a, c))
-    assert [len(x) for x in a] == [8, 8, 8]  # 28 videos: the partial batch is dropped
-    seen = np.concatenate(a).reshape(24, -1)
-    assert len({row.tobytes() for row in seen}) == 24  # no video twice in an epoch
+    assert [len(x) for x in a] == [8, 8, 8, 4]  # 28 videos: the last, partial batch is kept (official loader)
+    seen = np.concatenate(a).reshape(28, -1)
+    assert len({row.tobytes() for row in seen}) == 28  # every video once in an epoch
     # two ranks split every global batch between them
     r0 = list(data.epoch(1, 7, 8, rank=0, world=2))
     r1 = list(data.epoch(1, 7, 8, rank=1, world=2))
-    # three ranks: every rank gets the same number of videos (8 // 3 = 2 each, 2 left out)
-    assert {len(x) for r in range(3) for x in data.epoch(1, 7, 8, rank=r, world=3)} == {2}
+    # three ranks get equal shares: 8 -> 2 each (2 left out), the last 4 -> 1 each (1 left out)
+    assert [[len(x) for x in data.epoch(1, 7, 8, rank=r, world=3)] for r in range(3)] == [[2, 2, 2, 1]] * 3
     for whole, x0, x1 in zip(a, r0, r1):
-        assert np.array_equal(np.sort(whole.reshape(8, -1), 0),
-                              np.sort(np.concatenate([x0, x1]).reshape(8, -1), 0))
+        assert np.array_equal(np.sort(whole.reshape(len(whole), -1), 0),
+                              np.sort(np.concatenate([x0, x1]).reshape(len(whole), -1), 0))
 
 
-def test_streaming_batches_cover_the_data_once(tmp_path: Path) -> None:
+def test_streaming_batches_are_a_uniform_shuffle_equal_to_resident_batches(tmp_path: Path) -> None:
     rows = np.arange(103, dtype=np.float32)[:, None, None] * np.ones((1, 2, 3), np.float32)
+    resident = ResidentBatches(rows, torch.device("cpu"))
     with FeatureFiles([write_h5(tmp_path / "a.h5", rows)]) as ff:
-        stream = StreamingBatches(ff, block_rows=10, buffer_blocks=3, prefetch=2)
+        stream = StreamingBatches(ff, prefetch=2)
         epoch = [x[:, 0, 0].numpy().astype(int) for x in stream.epoch(1, 0, 16)]
         again = [x[:, 0, 0].numpy().astype(int) for x in stream.epoch(1, 0, 16)]
         other = [x[:, 0, 0].numpy().astype(int) for x in stream.epoch(1, 1, 16)]
-        assert [len(x) for x in epoch] == [16] * 6  # 103 // 16 full batches
-        seen = np.concatenate(epoch)
-        assert len(set(seen.tolist())) == 96  # no video twice
+        assert [len(x) for x in epoch] == [16] * 6 + [7]  # the last, partial batch is kept
+        assert sorted(np.concatenate(epoch).tolist()) == list(range(103))  # every video once
         assert all(np.array_equal(x, y) for x, y in zip(epoch, again))
         assert not all(np.array_equal(x, y) for x, y in zip(epoch, other))
-        # batches mix blocks: not just runs of contiguous videos
-        assert max(np.ptp(x) for x in epoch) > 30
+        assert all(np.array_equal(x, np.sort(x)) for x in epoch)  # sorted rows: one ordered HDF5 read
+        # the same batches as the array held in memory
+        assert all(np.array_equal(x, y[:, 0, 0].numpy().astype(int)) for x, y in zip(epoch, resident.epoch(1, 0, 16)))
         ranks = [[x[:, 0, 0].numpy() for x in stream.epoch(1, 0, 16, rank=r, world=2)] for r in (0, 1)]
-        assert len(ranks[0]) == len(ranks[1]) and all(len(x) == 8 for x in ranks[0])
+        assert [len(x) for x in ranks[0]] == [len(x) for x in ranks[1]] == [8] * 6 + [3]
         assert not set(np.concatenate(ranks[0]).tolist()) & set(np.concatenate(ranks[1]).tolist())
+        # a numpy array streams the same way
+        from_array = [x[:, 0, 0].numpy().astype(int) for x in StreamingBatches(rows).epoch(1, 0, 16)]
+        assert all(np.array_equal(x, y) for x, y in zip(epoch, from_array))
 
 
 def test_paper_recipes() -> None:
@@ -202,11 +256,10 @@ def test_bf16_resident_from_hdf5_blocks(tmp_path: Path, feats) -> None:
 def test_precision_choice() -> None:
     from conmh.train import compute_precision
 
-    assert compute_precision(torch.device("cpu")) == "fp32"
-    assert compute_precision(torch.device("cuda", 0)) == "bf16"  # the default on GPUs
-    assert compute_precision(torch.device("cuda", 0), "fp32") == "fp32"
+    assert compute_precision() == "fp32"  # auto: float32 on every device, as the official code
+    assert compute_precision("bf16") == "bf16"
     with pytest.raises(ConfigError, match="precision must be one of"):
-        compute_precision(torch.device("cpu"), "fp16")
+        compute_precision("fp16")
 
 
 def test_bf16_training_on_cpu_is_recorded_and_rounds_differently(tmp_path: Path, feats, uninterrupted: Path) -> None:
