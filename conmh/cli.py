@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="compute precision: fp32 (as the official code; TF32 off on CUDA), or bf16 autocast "
                         "(faster, other rounding, see the README); auto: fp32 on every device (default: auto)")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute the encoder blocks in the backward pass instead of keeping their activations: "
+                        "about 1.3 GB less memory at FCVID's batch of 512 for ~20%% more compute, same weights")
     p.add_argument("--default-allocator", action="store_true",
                    help="keep glibc's malloc defaults; by default freed memory stays in the process between "
                         "steps, which saves page faults (faster on CPU) but keeps RSS at its peak")
@@ -191,6 +194,7 @@ def _train(args: argparse.Namespace) -> None:
         cfg = ModelConfig.from_preset(args.preset, feature_dim=feats.dim, frames=feats.frames, nbits=args.bits)
         result = train(feats, cfg, recipe, args.out_dir, device=args.device, resume=args.resume,
                        progress=not args.no_progress, data_mode=args.data_mode, precision=args.precision,
+                       activation_checkpointing=args.activation_checkpointing,
                        meta={"dataset": args.dataset, "preset": args.preset})
     last = result.log[-1] if result.log else {}
     if os.environ.get("RANK", "0") == "0":

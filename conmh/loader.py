@@ -71,10 +71,11 @@ class StreamingBatches:
     """Each batch read from ``feats`` (HDF5 files, or an array) by a background thread.
 
     Yields float32 CPU tensors; the training loop moves them to the device in
-    the compute dtype. Peak memory is about ``prefetch + 1`` batches.
+    the compute dtype. Peak memory is about ``prefetch + 2`` batches (queued,
+    being read, in training); one read ahead suffices while reading outruns training.
     """
 
-    def __init__(self, feats: FeatureFiles | np.ndarray, prefetch: int = 3) -> None:
+    def __init__(self, feats: FeatureFiles | np.ndarray, prefetch: int = 1) -> None:
         if prefetch < 1:
             raise ValueError("prefetch must be positive")
         self.feats = feats

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass(frozen=True)
@@ -43,11 +45,14 @@ def two_views(batch: int, frames: int, mask_ratio: float, generator: torch.Gener
     return Views(visible=visible, masked=masked)
 
 
-def gather_frames(feats: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Rows of ``feats`` (B, T, D) at frame indices ``idx`` (2B, k), the batch taken twice."""
+def gather_frames(feats: torch.Tensor, idx: torch.Tensor, first_row: int = 0) -> torch.Tensor:
+    """Rows of ``feats`` (B, T, D) at frame indices ``idx`` (2B, k), the batch taken twice.
+
+    ``first_row``: ``idx`` holds rows ``first_row, first_row + 1, ...`` of the 2B stacked rows.
+    """
     b = feats.shape[0]
-    rows = torch.arange(idx.shape[0], device=feats.device) % b
-    return feats[rows[:, None], idx]
+    rows = (torch.arange(idx.shape[0], device=feats.device) + first_row) % b
+    return feats[rows[:, None], idx.to(feats.device)]
 
 
 def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -62,6 +67,39 @@ def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     if pred.dtype in (torch.float16, torch.bfloat16):  # autocast output: the loss in float32
         pred = pred.float()
     return 2 * F.mse_loss(pred, target.to(pred.dtype))
+
+
+def masked_reconstruction_loss(
+    predict: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, batch: torch.Tensor,
+    masked_idx: torch.Tensor, chunk_rows: int = 128,
+) -> torch.Tensor:
+    """``reconstruction_loss`` of ``predict(hidden)`` against the masked frames of ``batch``, in chunks.
+
+    ``hidden`` (2B, M, ·) are the masked tokens' decoder states of the two
+    stacked views, ``masked_idx`` (2B, M) their frames in ``batch`` (B, T, D).
+    The predictions and targets (2B x M x D: 300 MB at FCVID's batch of 512)
+    are never held whole: each chunk of rows is predicted, compared and,
+    under activation checkpointing, predicted again in the backward pass. The
+    same loss up to float summation order, at a fraction of the memory.
+    """
+    rows = hidden.shape[0]
+    if rows % 2:
+        raise ValueError(f"expected the two views stacked (an even batch), got {rows} rows")
+
+    def squared_error(h: torch.Tensor, idx: torch.Tensor, start: int) -> torch.Tensor:
+        pred = predict(h)
+        if pred.dtype in (torch.float16, torch.bfloat16):  # autocast output: the loss in float32
+            pred = pred.float()
+        target = gather_frames(batch, idx, first_row=start).to(pred.dtype)
+        return (pred - target).square().sum()
+
+    total = sum(
+        checkpoint(squared_error, hidden[start:start + chunk_rows], masked_idx[start:start + chunk_rows], start,
+                   use_reentrant=False)
+        for start in range(0, rows, chunk_rows)
+    )
+    # Mean of each view, summed over the two views: the total over (rows / 2) * M * D.
+    return 2 * total / masked_idx.numel() / batch.shape[-1]
 
 
 def debiased_contrastive_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float, tau_plus: float) -> torch.Tensor:

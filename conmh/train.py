@@ -35,7 +35,7 @@ from tqdm import tqdm
 from .atomic import atomic_path, write_text_atomic
 from .errors import CheckpointError, ConfigError
 from .loader import ResidentBatches, StreamingBatches
-from .losses import debiased_contrastive_loss, gather_frames, reconstruction_loss, two_views
+from .losses import debiased_contrastive_loss, gather_frames, two_views
 from .model import ConMH, ModelConfig
 from .recipes import Recipe
 
@@ -152,8 +152,7 @@ def training_step(model: nn.Module, feats: torch.Tensor, recipe: Recipe, generat
     b, t, _ = feats.shape
     views = two_views(b, t, recipe.mask_ratio, generator)
     visible, masked = views.visible.to(feats.device), views.masked.to(feats.device)
-    codes, pred = model(gather_frames(feats, visible), visible, masked)  # (2B, v, bits), (2B, m, D)
-    recon = reconstruction_loss(pred, gather_frames(feats, masked))
+    codes, recon = model(gather_frames(feats, visible), visible, masked, feats)  # (2B, v, bits), loss
     video = codes.float().mean(dim=1)
     z1, z2 = video[:b], video[b:]
     if _distributed()[1] > 1:  # all ranks' codes, with gradients flowing back to their owners
@@ -219,6 +218,7 @@ def train(
     resume: bool = False,
     progress: bool = True,
     stop_after: int | None = None,
+    activation_checkpointing: bool = False,
     data_mode: str = "auto",
     precision: str = "auto",
     meta: dict | None = None,
@@ -227,6 +227,10 @@ def train(
 
     ``precision`` (see ``compute_precision``) picks float32 or bf16 autocast;
     the choice is recorded in the checkpoints' ``meta`` and in every log line.
+
+    ``activation_checkpointing`` recomputes the encoder blocks in the backward
+    pass instead of keeping their activations (less memory, more compute, the
+    same weights).
 
     ``stop_after`` ends this call after that many epochs in total (the run can
     be resumed later), used to interrupt runs in tests.
@@ -251,6 +255,7 @@ def train(
         raise ConfigError(f"training needs at least 2 videos per process, got {n} for {world} process(es)")
     torch.manual_seed(recipe.seed)
     model = ConMH(cfg).to(dev)
+    model.encoder.checkpoint_blocks = activation_checkpointing
     optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=0.0)
     start = 0
     if ckpt_path.exists():

@@ -11,6 +11,7 @@ from conmh.losses import (
     debiased_contrastive_loss,
     gather_frames,
     num_visible,
+    masked_reconstruction_loss,
     reconstruction_loss,
     two_views,
 )
@@ -113,3 +114,21 @@ def test_dcl_of_one_video_is_zero_as_the_official_code() -> None:
     # A last partial batch of one video has no negatives: Ng is clamped at 0 and -log(pos / pos) = 0.
     loss = debiased_contrastive_loss(torch.randn(1, 4), torch.randn(1, 4), 0.5, 0.1)
     assert loss.item() == 0.0
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 3, 4, 64])
+def test_chunked_masked_reconstruction_equals_the_formula_with_gradients(chunk_rows: int) -> None:
+    """Chunked and checkpointed: the same loss and the same gradients as predicting everything at once."""
+    torch.manual_seed(0)
+    b, t, d = 3, 6, 5
+    batch = torch.randn(b, t, d, dtype=torch.float64)
+    views = two_views(b, t, 0.5, torch.Generator().manual_seed(1))
+    head = torch.nn.Linear(4, d).double()
+    hidden = torch.randn(2 * b, views.masked.shape[1], 4, dtype=torch.float64, requires_grad=True)
+    expected = reconstruction_loss(head(hidden), gather_frames(batch, views.masked))
+    g_expected = torch.autograd.grad(expected, [hidden, head.weight])
+    loss = masked_reconstruction_loss(head, hidden, batch, views.masked, chunk_rows=chunk_rows)
+    grads = torch.autograd.grad(loss, [hidden, head.weight])
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
+    for g, e in zip(grads, g_expected):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-14)

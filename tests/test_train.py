@@ -97,6 +97,12 @@ def test_streamed_training_equals_in_memory_training(tmp_path: Path, feats, unin
         assert torch.equal(v, final_state(uninterrupted)[k]), k
 
 
+def test_activation_checkpointing_trains_the_same_weights(tmp_path: Path, feats, uninterrupted: Path) -> None:
+    train(feats, CFG, RECIPE, tmp_path, device="cpu", progress=False, activation_checkpointing=True)
+    for k, v in final_state(tmp_path).items():
+        assert torch.equal(v, final_state(uninterrupted)[k]), k
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("mode", ["memory", "stream"])
 @pytest.mark.parametrize("source", ["array", "hdf5"])
