@@ -78,13 +78,16 @@ def masked_reconstruction_loss(
     ``hidden`` (2B, M, ·) are the masked tokens' decoder states of the two
     stacked views, ``masked_idx`` (2B, M) their frames in ``batch`` (B, T, D).
     The predictions and targets (2B x M x D: 300 MB at FCVID's batch of 512)
-    are never held whole: each chunk of rows is predicted, compared and,
-    under activation checkpointing, predicted again in the backward pass. The
-    same loss up to float summation order, at a fraction of the memory.
+    are never held whole on the CPU: each chunk of rows is predicted, compared
+    and, under activation checkpointing, predicted again in the backward pass.
+    The same loss up to float summation order, at a fraction of the host
+    memory. On a GPU everything is computed at once.
     """
     rows = hidden.shape[0]
     if rows % 2:
         raise ValueError(f"expected the two views stacked (an even batch), got {rows} rows")
+    if hidden.device.type != "cpu":  # GPU memory holds them easily: no recomputation there
+        return reconstruction_loss(predict(hidden), gather_frames(batch, masked_idx))
 
     def squared_error(h: torch.Tensor, idx: torch.Tensor, start: int) -> torch.Tensor:
         pred = predict(h)
