@@ -163,6 +163,9 @@ def test_real_training_uses_the_paper_recipe_a_gpu_and_resume(cfg):
                           ("--preset", "small"), ("--device", "auto"), ("--data-dir", "data/real/fcvid")]:
         assert _opt(conmh, option) == value
     assert steps.uses_gpu(cfg, "fcvid")
+    assert _opt(conmh, "--precision") == "auto" and "--activation-checkpointing" not in conmh
+    cfg["activation_checkpointing"] = True
+    assert "--activation-checkpointing" in steps.command(cfg, "train", "fcvid", 64)
 
 
 def test_released_checkpoint_is_encoded_instead_of_trained(cfg):

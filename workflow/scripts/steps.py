@@ -348,6 +348,8 @@ def command(cfg: dict, step: str, dataset: str | None = None, bits: int | None =
             argv += [RECIPE_OPTIONS[key], str(value)]
         if is_real(cfg, dataset):
             argv += ["--precision", cfg["precision"]]
+            if cfg["activation_checkpointing"]:
+                argv.append("--activation-checkpointing")
         argv += ["--device", device(cfg, dataset), "--no-progress"]
         return wrapper + ["--"] + argv
     if step == "encode":
