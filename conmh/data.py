@@ -338,12 +338,17 @@ class FeatureFiles:
         if idx.ndim != 1 or not (idx.size == 0 or np.issubdtype(idx.dtype, np.integer)):
             raise IndexError(f"take() needs a 1-D array of integer indices, got shape {idx.shape} dtype {idx.dtype}")
         idx = idx.astype(np.int64, copy=False)
-        out = np.empty((idx.size, self.frames, self.dim), dtype=np.float32)
         if idx.size == 0:
-            return out
+            return np.empty((0, self.frames, self.dim), dtype=np.float32)
         if idx.min() < 0 or idx.max() >= self.n:
             raise IndexError(f"take() indices must lie in [0, {self.n}), got [{idx.min()}, {idx.max()}]")
         file_of = np.searchsorted(self.offsets, idx, side="right") - 1
+        if file_of[0] == file_of[-1] and np.all(np.diff(idx) > 0):  # sorted rows of one file: no reordering copy
+            local = idx - self.offsets[file_of[0]]
+            if local[-1] - local[0] + 1 == local.size:
+                return self._read_file(int(file_of[0]), slice(int(local[0]), int(local[-1]) + 1))
+            return self._read_file(int(file_of[0]), local)
+        out = np.empty((idx.size, self.frames, self.dim), dtype=np.float32)
         for f in np.unique(file_of):
             where = np.flatnonzero(file_of == f)
             local, inverse = np.unique(idx[where] - self.offsets[f], return_inverse=True)
