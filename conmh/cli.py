@@ -100,8 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recompute the encoder blocks in the backward pass instead of keeping their activations: "
                         "about 1.3 GB less memory at FCVID's batch of 512 for ~20%% more compute, same weights")
     p.add_argument("--default-allocator", action="store_true",
-                   help="keep glibc's malloc defaults; by default freed memory stays in the process between "
-                        "steps, which saves page faults (faster on CPU) but keeps RSS at its peak")
+                   help="keep glibc's malloc defaults; by default, when the training array is held in memory, "
+                        "freed memory stays in the process between steps, which saves page faults (faster on CPU) "
+                        "but keeps RSS at its peak (streamed runs always keep the defaults)")
     _add_runtime_args(p)
 
     p = sub.add_parser("encode", help="encode a dataset's database and queries to a codes file", epilog=EPILOG,
@@ -168,10 +169,6 @@ def _init_distributed(device: str) -> bool:
 def cmd_train(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
-    from .allocator import keep_freed_memory
-
-    if not args.default_allocator:
-        keep_freed_memory()
     _set_threads(args.threads)
     joined = _init_distributed(args.device)
     try:
@@ -195,6 +192,7 @@ def _train(args: argparse.Namespace) -> None:
         result = train(feats, cfg, recipe, args.out_dir, device=args.device, resume=args.resume,
                        progress=not args.no_progress, data_mode=args.data_mode, precision=args.precision,
                        activation_checkpointing=args.activation_checkpointing,
+                       keep_freed_memory=not args.default_allocator,
                        meta={"dataset": args.dataset, "preset": args.preset})
     last = result.log[-1] if result.log else {}
     if os.environ.get("RANK", "0") == "0":

@@ -103,6 +103,18 @@ def test_activation_checkpointing_trains_the_same_weights(tmp_path: Path, feats,
         assert torch.equal(v, final_state(uninterrupted)[k]), k
 
 
+@pytest.mark.parametrize(("mode", "kept"), [("memory", True), ("stream", False)])
+def test_freed_memory_is_kept_only_for_data_held_in_memory(tmp_path: Path, feats, monkeypatch: pytest.MonkeyPatch,
+                                                            mode: str, kept: bool) -> None:
+    from conmh import allocator
+
+    calls = []
+    monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append(1) or True)
+    train(feats, CFG, RECIPE, tmp_path, device="cpu", progress=False, data_mode=mode, stop_after=1,
+          keep_freed_memory=True)
+    assert bool(calls) == kept
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("mode", ["memory", "stream"])
 @pytest.mark.parametrize("source", ["array", "hdf5"])
