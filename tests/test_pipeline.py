@@ -131,7 +131,7 @@ def test_released_checkpoints_skip_training(repo, tmp_path):
 
 @pytest.mark.parametrize("profile", ["local", "slurm"])
 def test_profiles_are_valid(repo, tmp_path, profile):
-    # The SLURM executor plugin is not installed here: check the profile's other settings locally.
+    # A dry run with the local executor checks the slurm profile's other settings (tests/cluster submits).
     extra = ["--executor", "local", "--cores", "16"] if profile == "slurm" else []
     proc = snakemake(repo, "-n", "-p", "--profile", f"workflow/profiles/{profile}", *extra,
                      "--config", *real_config(tmp_path))
@@ -202,12 +202,7 @@ def test_a_corrupted_file_fails_verify(tmp_path):
 # --------------------------------------------------------------------------- end to end
 
 
-@pytest.fixture(scope="module")
-def snakemake_run(tmp_path_factory) -> Path:
-    repo = copy_repo(tmp_path_factory.mktemp("snakemake") / "repo")
-    proc = snakemake(repo, "--cores", "2", timeout=1200)
-    assert proc.returncode == 0, output(proc)[-5000:]
-    return repo
+# snakemake_run (tests/conftest.py): the default pipeline, run once per test session.
 
 
 def metrics_of(repo: Path) -> dict[str, dict]:

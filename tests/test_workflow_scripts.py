@@ -271,14 +271,23 @@ def test_launch_several_nodes_needs_slurm_and_meets_at_its_first_node(monkeypatc
     cmd = ["conmh", "train", "--dataset", "yfcc"]
     with pytest.raises(job.JobError, match="needs a SLURM allocation"):
         job.launch_command(cmd, 4, 2, {})
-    monkeypatch.setattr(job, "first_node", lambda nodelist: {"gpu[07-08]": "gpu07"}[nodelist])
-    env = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu[07-08]", "MASTER_PORT": "29611"}
+    # The allocation's nodes come from slurmctld: a job step's SLURM_JOB_NODELIST names only the step's node.
+    monkeypatch.setattr(job, "allocation_nodes", lambda job_id: {"4242": ["gpu07", "gpu08"]}[job_id])
+    env = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu07", "MASTER_PORT": "29611"}
     argv = job.launch_command(cmd, 4, 2, env)
-    assert argv[:2] == ["srun", "--overlap"] and "--nodes=2" in argv and "--ntasks-per-node=1" in argv
+    assert argv[:3] == ["srun", "--overlap", "--jobid=4242"] and "--nodes=2" in argv and "--ntasks-per-node=1" in argv
     rdzv = argv[argv.index("torch.distributed.run") + 1:argv.index("-m", argv.index("torch.distributed.run"))]
     assert rdzv == ["--nproc-per-node", "4", "--nnodes", "2", "--rdzv-backend", "c10d",
                     "--rdzv-endpoint", "gpu07:29611", "--rdzv-id", "4242"]
     assert argv[-4:] == ["conmh.cli", "train", "--dataset", "yfcc"]
+    with pytest.raises(job.JobError, match="has 2 .*--nodes=3"):
+        job.launch_command(cmd, 4, 3, env)
+
+
+def test_the_multi_node_srun_runs_without_the_steps_slurm_variables():
+    env = {"SLURM_JOB_ID": "7", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "a", "SRUN_CPUS_PER_TASK": "8",
+           "SLURM_CONF": "/etc/slurm/slurm.conf", "PATH": "/bin", "MASTER_PORT": "29611"}
+    assert job.srun_env(env) == {"SLURM_CONF": "/etc/slurm/slurm.conf", "PATH": "/bin", "MASTER_PORT": "29611"}
 
 
 def test_launch_refuses_what_cannot_run_in_parallel():

@@ -115,16 +115,31 @@ class JobError(Exception):
     """A job that cannot start as configured (exit status 2, one line)."""
 
 
-def first_node(nodelist: str) -> str:
-    """The first host name of a SLURM node list (``scontrol`` expands ranges such as ``gpu[01-04]``)."""
+def _slurm_output(args: list[str]) -> str:
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                             timeout=60, check=True).stdout.split()
+        return subprocess.run(args, capture_output=True, text=True, timeout=60, check=True).stdout
     except (OSError, subprocess.SubprocessError) as exc:
-        raise JobError(f"cannot expand the SLURM node list {nodelist!r} with scontrol: {exc}") from None
-    if not out:
-        raise JobError(f"the SLURM node list {nodelist!r} is empty")
-    return out[0]
+        detail = getattr(exc, "stderr", None) or exc
+        raise JobError(f"`{' '.join(args)}` failed: {str(detail).strip()}") from None
+
+
+def allocation_nodes(job_id: str) -> list[str]:
+    """Host names of the whole allocation of SLURM job ``job_id``, first node first, asked of slurmctld.
+
+    Not read from the environment: inside a job step (Snakemake's SLURM plugin
+    runs every job in a one-task step) SLURM_JOB_NODELIST and SLURM_NNODES
+    describe the step's single node, not the allocation.
+    """
+    nodelist = _slurm_output(["squeue", "-h", "-j", job_id, "-o", "%N"]).strip()
+    if not nodelist:
+        raise JobError(f"squeue lists no nodes for SLURM job {job_id}")
+    return _slurm_output(["scontrol", "show", "hostnames", nodelist]).split()
+
+
+def srun_env(env: dict[str, str]) -> dict[str, str]:
+    """``env`` without the SLURM_* and SRUN_* variables of the current step (SLURM_CONF kept), so that
+    ``srun --jobid`` takes the allocation's nodes from slurmctld rather than the step's from the environment."""
+    return {k: v for k, v in env.items() if k == "SLURM_CONF" or not k.startswith(("SLURM_", "SRUN_"))}
 
 
 def launch_command(cmd: list[str], nproc_per_node: int, nnodes: int, env: dict[str, str]) -> list[str]:
@@ -138,15 +153,21 @@ def launch_command(cmd: list[str], nproc_per_node: int, nnodes: int, env: dict[s
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc_per_node)]
     if nnodes == 1:
         return torchrun[:3] + ["--standalone"] + torchrun[3:] + ["-m", "conmh.cli", *cmd[1:]]
-    if "SLURM_JOB_ID" not in env or "SLURM_JOB_NODELIST" not in env:
+    if "SLURM_JOB_ID" not in env:
         raise JobError(f"training on {nnodes} nodes needs a SLURM allocation (run with the slurm profile), "
                        "or start torchrun on each node yourself")
-    endpoint = f"{first_node(env['SLURM_JOB_NODELIST'])}:{env.get('MASTER_PORT', RDZV_PORT)}"
+    job_id = env["SLURM_JOB_ID"]
+    nodes = allocation_nodes(job_id)
+    if len(nodes) < nnodes:
+        raise JobError(f"training on {nnodes} nodes, but SLURM job {job_id} has {len(nodes)} ({', '.join(nodes)}); "
+                       f"submit it with --nodes={nnodes}")
+    endpoint = f"{nodes[0]}:{env.get('MASTER_PORT', RDZV_PORT)}"
     rendezvous = ["--nnodes", str(nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
-                  "--rdzv-id", env["SLURM_JOB_ID"]]
-    # --overlap: Snakemake may already run this job inside a one-task step of the allocation.
-    srun = ["srun", "--overlap", f"--nodes={nnodes}", f"--ntasks={nnodes}", "--ntasks-per-node=1",
-            "--kill-on-bad-exit=1"]
+                  "--rdzv-id", job_id]
+    # --overlap: Snakemake's plugin already runs this job inside a one-task step of the allocation.
+    # Run with srun_env(): the step's variables would confine srun to the step's node.
+    srun = ["srun", "--overlap", f"--jobid={job_id}", f"--nodes={nnodes}", f"--ntasks={nnodes}",
+            "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
     return srun + torchrun + rendezvous + ["-m", "conmh.cli", *cmd[1:]]
 
 
@@ -221,6 +242,8 @@ def copy_file(src: Path, dst: Path) -> None:
 def run(cmd: list[str], gpu: bool, nproc_per_node: int = 1, nnodes: int = 1) -> int:
     env = dict(os.environ)
     cmd = launch_command(cmd, nproc_per_node, nnodes, env)
+    if nnodes > 1:
+        env = srun_env(env)
     # Several nodes: SLURM gave each node its GPUs; the locks here would only cover the first node.
     local_gpus = visible_gpus(env) if gpu and nnodes == 1 else []
     with gpu_slots(local_gpus, lock_dir(), count=nproc_per_node) as slots:

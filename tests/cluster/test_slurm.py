@@ -1,0 +1,232 @@
+"""The pipeline on a real SLURM cluster (marker ``cluster``; see conftest.py for what they need).
+
+* the default pipeline (at one code length) through ``--profile
+  workflow/profiles/slurm`` gives the rows of the local run's table, every job
+  with the account and partition the environment chose;
+* a training job with ``distributed.nnodes: 2`` spans two nodes: one torchrun
+  per node started by srun, meeting through the c10d rendezvous, two gloo
+  processes; it ends with the weights of a 2-process run on one node;
+* a training job cancelled with ``scancel`` after its first checkpoint and
+  submitted again resumes, and ends with the codes of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import re
+import shlex
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from slurm_cluster import ROOT, Cluster, accounting, job_state, sbatch, slurm, wait_finished, wait_until
+
+from conmh.synthetic import MiniatureSpec, make_miniature
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+PROFILE = ROOT / "workflow" / "profiles" / "slurm" / "config.yaml"
+GPU_RULES = ("train", "encode")  # the rules the profile sends to CONMH_SLURM_GPU_PARTITION
+
+
+def copy_repo(dest: Path) -> Path:
+    from test_pipeline import copy_repo as copy  # tests/ is on sys.path (tests/conftest.py)
+
+    return copy(dest)
+
+
+def site_profile(cluster: Cluster, folder: Path, train_tasks: int | None = None) -> Path:
+    """A profile to put after workflow/profiles/slurm for this cluster: the same resources with memory
+    requests capped at a node's memory (the profile asks up to 64 GB for real data), one thread per job
+    (as the local run: the same threads give the same numbers), and status checks every few seconds."""
+
+    def capped(resources: dict) -> dict:
+        return {k: min(int(v), cluster.node_memory_mb) if k == "mem_mb" else v for k, v in resources.items()}
+
+    profile = yaml.safe_load(PROFILE.read_text())
+    overlay = {
+        "default-resources": capped(profile["default-resources"]),
+        "set-resources": {rule: capped(res) for rule, res in profile["set-resources"].items()},
+        "max-threads": 1,
+        "slurm-init-seconds-before-status-checks": 2,
+    }
+    if train_tasks is not None:  # CPU training on several nodes: one task per node (see the profile)
+        overlay["set-resources"]["train"]["tasks"] = train_tasks
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump(overlay, sort_keys=False))
+    return folder
+
+
+def snakemake_on_slurm(cluster: Cluster, repo: Path, site: Path, *args: str) -> tuple[str, str]:
+    """Run Snakemake with the slurm profile in ``repo``; (its output, the SLURM run id naming its jobs)."""
+    proc = subprocess.run(["snakemake", "--profile", "workflow/profiles/slurm", "--profile", str(site), *args],
+                          cwd=repo, env=cluster.env(), capture_output=True, text=True, timeout=3600)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text[-6000:]
+    run_id = re.search(r"SLURM run ID: (\S+)", text)
+    assert run_id, text[-3000:]
+    return text, run_id.group(1)
+
+
+def jobs_of_run(run_id: str, since: str) -> list[dict[str, str]]:
+    """The allocations (one per Snakemake job) a run submitted, with the rule each ran."""
+    rows = accounting("-X", "-S", since, "--name", run_id, "-o", "JobID,Comment,Account,Partition,State,NNodes,NodeList")
+    for row in rows:
+        row["rule"] = row["Comment"].removeprefix("rule_").split("_wildcards_")[0]
+    return rows
+
+
+def now() -> str:
+    return datetime.now().strftime("%Y-%m-%dT%H:%M:%S")
+
+
+# --------------------------------------------------------------------------- the default pipeline
+
+# The default pipeline at one of its code lengths: every dataset and every rule, 22 of its 52 jobs.
+# All 52 through SLURM take roughly twice the CPU time of the local run (every job starts Snakemake
+# once more, about 3.5 s of CPU), too much for CI; the other code lengths run the same commands.
+SLURM_BITS = 64
+
+
+def test_default_pipeline_on_slurm_gives_the_rows_of_the_local_table(cluster, snakemake_run, tmp_path):
+    repo = copy_repo(tmp_path / "repo")
+    since = now()
+    _, run_id = snakemake_on_slurm(cluster, repo, site_profile(cluster, tmp_path / "site"),
+                                   "--config", f"bits=[{SLURM_BITS}]")
+
+    local = pd.read_csv(snakemake_run / "results" / "table.csv")
+    local = local[local["bits"] == SLURM_BITS].reset_index(drop=True)
+    assert len(local) == 6
+    pd.testing.assert_frame_equal(pd.read_csv(repo / "results" / "table.csv"), local)
+    metrics = sorted((repo / "results" / "metrics").glob("*/*.json"))
+    assert len(metrics) == 6
+    for path in metrics:
+        theirs = json.loads((snakemake_run / path.relative_to(repo)).read_text())
+        assert json.loads(path.read_text())["map"] == theirs["map"], path.name
+
+    jobs = jobs_of_run(run_id, since)
+    counts = collections.Counter(job["rule"] for job in jobs)
+    assert counts == {"download": 3, "verify": 3, "train": 3, "encode": 3, "lsh": 3, "evaluate": 6, "report": 1}
+    for job in jobs:
+        assert job["State"] == "COMPLETED", job
+        assert job["Account"] == cluster.account, job
+        assert job["Partition"] == (cluster.gpu_partition if job["rule"] in GPU_RULES else cluster.partition), job
+
+
+# --------------------------------------------------------------------------- two nodes
+
+
+TWO_NODE_CONFIG = [
+    "datasets=[activitynet]", "bits=[16]", "distributed={nproc_per_node: 1, nnodes: 2}",
+    "miniature={sizes: {activitynet: {n_train: 192, n_database: 40, n_queries: 10, feature_dim: 32, n_classes: 4}},"
+    " train: {epochs: 3, batch_size: 32, lr: 1.0e-3}}",
+]
+
+
+def test_training_on_two_nodes_starts_one_torchrun_per_node(cluster, tmp_path):
+    repo = copy_repo(tmp_path / "repo")
+    since = now()
+    train_log = "results/train/activitynet/16bits.jsonl"
+    site = site_profile(cluster, tmp_path / "site", train_tasks=2)
+    _, run_id = snakemake_on_slurm(cluster, repo, site, "--config", *TWO_NODE_CONFIG, "--", train_log)
+
+    (train_job,) = [job for job in jobs_of_run(run_id, since) if job["rule"] == "train"]
+    assert train_job["NNodes"] == "2" and train_job["State"] == "COMPLETED", train_job
+    nodes = slurm("scontrol", "show", "hostnames", train_job["NodeList"]).split()
+    # What job.py ran: srun starting torchrun on each node, meeting at the allocation's first node.
+    log = (repo / "logs" / "train" / "activitynet-16bits.log").read_text()
+    launch = next(line[2:].split() for line in log.splitlines() if line.startswith("+ srun "))
+    assert launch[:7] == ["srun", "--overlap", f"--jobid={train_job['JobID']}", "--nodes=2", "--ntasks=2",
+                          "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+    torchrun = launch[launch.index("torch.distributed.run") + 1:launch.index("conmh.cli") - 1]
+    assert torchrun == ["--nproc-per-node", "1", "--nnodes", "2", "--rdzv-backend", "c10d",
+                        "--rdzv-endpoint", f"{nodes[0]}:29500", "--rdzv-id", train_job["JobID"]]
+    # The accounting saw that step: 2 tasks on 2 nodes.
+    steps = accounting("-j", train_job["JobID"], "-o", "JobID,NNodes,NTasks,NodeList,State")
+    (step,) = [s for s in steps if s["NTasks"] == "2"]
+    assert step["NNodes"] == "2" and step["State"] == "COMPLETED", steps
+
+    out = repo / "work" / "train" / "activitynet" / "16bits"
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert checkpoint["meta"]["world_size"] == 2
+    assert json.loads((out / "pipeline_run.json").read_text())["world_size"] == 2
+    assert [json.loads(line)["epoch"] for line in (repo / train_log).read_text().splitlines()] == [1, 2, 3]
+
+    # The same training as 2 processes on one node (torchrun --standalone) gives the same weights.
+    args = launch[launch.index("conmh.cli") + 1:]
+    args[args.index("--out-dir") + 1] = str(tmp_path / "one-node")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "conmh.cli", *args], cwd=repo, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_weights(out / "model.pt", tmp_path / "one-node" / "model.pt")
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    ours, theirs = (torch.load(p, weights_only=True)["model_state_dict"] for p in (a, b))
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), key
+
+
+# --------------------------------------------------------------------------- scancel and resume
+
+
+def codes_of(checkpoint: Path, data: Path, out: Path) -> dict[str, np.ndarray]:
+    cmd = ["conmh", "encode", "--checkpoint", str(checkpoint), "--dataset", "activitynet", "--data-dir", str(data),
+           "--out", str(out), "--preset", "mini", "--bits", "16", "--device", "cpu", "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with h5py.File(out) as f:
+        return {key: f[key][()] for key in ("database/codes", "queries/codes")}
+
+
+def test_a_cancelled_training_job_resumes_and_ends_with_the_codes_of_an_uninterrupted_run(cluster, tmp_path):
+    data = tmp_path / "data"
+    make_miniature("activitynet", data, seed=0,
+                   spec=MiniatureSpec(n_train=400, n_database=60, n_queries=20, feature_dim=64, n_classes=6))
+    epochs = 4
+    train = ["conmh", "train", "--dataset", "activitynet", "--data-dir", str(data), "--bits", "16",
+             "--preset", "mini", "--epochs", str(epochs), "--batch-size", "32", "--lr", "1e-3", "--seed", "1",
+             "--device", "cpu", "--threads", "1", "--no-progress"]
+    run_dir, straight = tmp_path / "slurm", tmp_path / "straight"
+    job = ["python", "workflow/scripts/job.py", "train", "--out-dir", str(run_dir),
+           "--log-copy", str(tmp_path / "slurm.jsonl"), "--resume", "--", *train, "--out-dir", str(run_dir)]
+
+    def epochs_logged() -> list[int]:
+        path = run_dir / "train_log.jsonl"
+        return [json.loads(line)["epoch"] for line in path.read_text().splitlines()] if path.exists() else []
+
+    # The uninterrupted run, here, while the cluster runs the other.
+    uninterrupted = subprocess.Popen([*train, "--out-dir", str(straight)], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+    first = sbatch(cluster, shlex.join(job), tmp_path / "first.out")
+    # Cancel once the first checkpoint is written, while the job trains a later epoch.
+    wait_until(lambda: (run_dir / "checkpoint.pt").exists() or job_state(first) not in ("", "PENDING", "RUNNING"),
+               f"the first checkpoint of job {first}", poll=0.1)
+    slurm("scancel", first)
+    assert wait_finished(first) == "CANCELLED", (tmp_path / "first.out").read_text()
+    interrupted = epochs_logged()
+    assert 1 <= len(interrupted) < epochs, interrupted
+    assert not (run_dir / "model.pt").exists()
+
+    second = sbatch(cluster, shlex.join(job), tmp_path / "second.out")
+    assert wait_finished(second) == "COMPLETED", (tmp_path / "second.out").read_text()
+    # (A change to conmh's training code between the two jobs would make job.py start afresh.)
+    assert "reusing the checkpoint of the same run" in (tmp_path / "second.out").read_text()
+    assert epochs_logged() == list(range(1, epochs + 1))
+
+    output, _ = uninterrupted.communicate(timeout=900)
+    assert uninterrupted.returncode == 0, output[-3000:]
+    assert_same_weights(run_dir / "model.pt", straight / "model.pt")
+    resumed_codes = codes_of(run_dir / "model.pt", data, tmp_path / "resumed.h5")
+    straight_codes = codes_of(straight / "model.pt", data, tmp_path / "straight.h5")
+    for key in resumed_codes:
+        assert np.array_equal(resumed_codes[key], straight_codes[key]), key
