@@ -52,7 +52,7 @@ TRAIN_FILES = ("checkpoint.pt", "model.pt", "train_log.jsonl")
 # Modules whose changes make an earlier checkpoint stale (dvc.yaml lists them as train deps).
 TRAINING_CODE = ("data.py", "loader.py", "losses.py", "model.py", "recipes.py", "train.py")
 # Options that may change between an interrupted run and its continuation.
-VOLATILE = {"--threads": 1, "--device": 1, "--resume": 0, "--no-progress": 0}
+VOLATILE = {"--threads": 1, "--device": 1, "--resume": 0, "--no-progress": 0, "--activation-checkpointing": 0}
 # torchrun's default rendezvous port; MASTER_PORT overrides it for multi-node runs.
 RDZV_PORT = 29500
 
