@@ -104,19 +104,23 @@ def lsh_projection(dim: int, bits: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((dim, bits)).astype(np.float32)
 
 
-def lsh_codes(dataset: str, data_dir: str | Path, bits: int, seed: int = 1, batch_size: int = 4096) -> Codes:
+def lsh_codes(dataset: str, data_dir: str | Path, bits: int, seed: int = 1, batch_size: int = 512) -> Codes:
     """LSH baseline: sign of a random projection of the centred, mean-pooled features.
 
     Centred by the mean of (up to ``LSH_MEAN_SAMPLES`` evenly spaced) training
     videos, since CNN features are non-negative and uncentred hyperplanes
-    would give nearly constant bits.
+    would give nearly constant bits. Videos are read ``batch_size`` at a time
+    (FCVID: 200 MB), so memory does not grow with the dataset.
     """
     if bits < 1:
         raise ConfigError(f"bits must be positive, got {bits}")
     data_dir = Path(data_dir)
     with open_split(dataset, data_dir, "train") as train:
         rows = np.unique(np.linspace(0, train.n - 1, min(train.n, LSH_MEAN_SAMPLES)).astype(np.int64))
-        centre = train.take(rows).mean(axis=(0, 1), dtype=np.float64).astype(np.float32)
+        total = np.zeros(train.dim, dtype=np.float64)
+        for start in range(0, len(rows), batch_size):
+            total += train.take(rows[start:start + batch_size]).sum(axis=(0, 1), dtype=np.float64)
+        centre = (total / (len(rows) * train.frames)).astype(np.float32)
         projection = lsh_projection(train.dim, bits, seed)
 
     def encode(feats: FeatureFiles, split: str) -> np.ndarray:

@@ -58,6 +58,21 @@ def test_train_encode_lsh_evaluate(tiny: Path, encoded: Path) -> None:
         assert "ascending database index" in metrics["tie_rule"]
 
 
+@pytest.mark.parametrize("batch_size", [7, 512])
+def test_lsh_is_the_sign_of_the_centred_mean_pooled_projection(tiny: Path, batch_size: int) -> None:
+    from conmh.data import open_split
+    from conmh.encode import lsh_codes, lsh_projection
+
+    with open_split("activitynet", tiny / "data", "train") as train:  # 64 videos: all of them centre
+        centre = train.read(0, train.n).mean(axis=(0, 1), dtype=np.float64)
+    with open_split("activitynet", tiny / "data", "queries") as q:
+        pooled = q.read(0, q.n).mean(axis=1, dtype=np.float64)
+    expected = (pooled - centre) @ lsh_projection(32, 16, seed=3).astype(np.float64) >= 0
+    got = unpack_bits(lsh_codes("activitynet", tiny / "data", 16, seed=3, batch_size=batch_size).queries, 16)
+    assert (got == expected).mean() > 0.99  # float32 arithmetic in the codes: a bit at the sign boundary may differ
+    assert got.any() and not got.all()
+
+
 def test_encode_is_the_model_sign_of_the_frame_mean(tiny: Path, encoded: Path) -> None:
     from conmh.data import open_split
     from conmh.model import load_checkpoint
