@@ -4,6 +4,7 @@
 rule download:
     output:
         manifest=LAYOUT.manifest("{dataset}"),
+        done=touch(LAYOUT.download_done("{dataset}")),
     log:
         LAYOUT.log("download", "{dataset}"),
     params:
@@ -15,6 +16,7 @@ rule download:
 rule verify:
     input:
         manifest=LAYOUT.manifest("{dataset}"),
+        downloaded=LAYOUT.download_done("{dataset}"),
     output:
         report=LAYOUT.verify_report("{dataset}"),
     log:

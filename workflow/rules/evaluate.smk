@@ -5,6 +5,8 @@ rule encode:
     input:
         model=lambda wc: steps.model_for(config, wc.dataset, wc.bits),
         verify=LAYOUT.verify_report("{dataset}"),
+        # the data folder itself (not committed): a fresh clone downloads or generates it again
+        downloaded=LAYOUT.download_done("{dataset}"),
     output:
         codes=LAYOUT.codes("conmh", "{dataset}", "{bits}"),
     log:
@@ -23,6 +25,8 @@ rule encode:
 rule lsh:
     input:
         verify=LAYOUT.verify_report("{dataset}"),
+        # the data folder itself (not committed): a fresh clone downloads or generates it again
+        downloaded=LAYOUT.download_done("{dataset}"),
     output:
         codes=LAYOUT.codes("lsh", "{dataset}", "{bits}"),
     log:

@@ -4,6 +4,8 @@
 rule train:
     input:
         verify=LAYOUT.verify_report("{dataset}"),
+        # the data folder itself (not committed): a fresh clone downloads or generates it again
+        downloaded=LAYOUT.download_done("{dataset}"),
         # The installed package's training code: changing it retrains, as under DVC
         # (dvc.yaml lists the same modules of the checkout).
         code=[str(path) for path in job.training_code()],

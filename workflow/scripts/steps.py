@@ -182,6 +182,11 @@ class Layout:
     def miniature_dir(self, dataset: str) -> str:
         return f"{self.data}/miniature/{dataset}"
 
+    def download_done(self, dataset: str) -> str:
+        """A flag in the (uncommitted) data folder: a fresh clone, which has the committed
+        results but no data, downloads or generates every dataset again."""
+        return f"{self.data}/.downloaded/{dataset}"
+
     def manifest(self, dataset: str) -> str:
         return f"{self.results}/data/{dataset}/download.json"
 
