@@ -20,6 +20,10 @@ rule train:
     resources:
         gpu=train_gpus,
         nodes=config["distributed"]["nnodes"],
+        # TODO: a CPU-only (gloo) run on several nodes needs `tasks: <nnodes>` in the user's
+        # profile (docs/pipeline.md), since the SLURM plugin submits jobs without GPUs with
+        # --ntasks=1 and SLURM then shrinks the allocation to one node. Setting
+        # tasks = nnodes here when the job has no GPU (0 otherwise) should fix it; untested.
     params:
         cmd=cmd("train"),
     shell:
