@@ -200,8 +200,7 @@ class FeatureFiles:
             )
         self._files: list[h5py.File] | None = []
         self._pid = os.getpid()
-        self._raw_offsets: dict[int, int | None] = {}
-        self._offsets_pid = self._pid
+        self._raw_offsets: dict[int, int | None] = {}  # a property of the file: valid in any process
         try:
             for p in self.paths:
                 self._files.append(_open_h5(p))
@@ -270,8 +269,6 @@ class FeatureFiles:
 
     def _raw_offset(self, f: int) -> int | None:
         """Byte offset of file ``f``'s array when it is stored contiguous, unfiltered, native float32."""
-        if self._offsets_pid != os.getpid():
-            self._raw_offsets, self._offsets_pid = {}, os.getpid()
         if f not in self._raw_offsets:
             ds = self._datasets()[f]
             plain = ds.chunks is None and not ds.compression and ds.dtype == np.dtype("=f4")
@@ -327,6 +324,12 @@ class FeatureFiles:
             return np.empty((0, self.frames, self.dim), dtype=np.float32)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
+    def _read_sorted(self, f: int, local: np.ndarray) -> np.ndarray:
+        """Sorted unique rows ``local`` of file ``f``: one slice when they are contiguous, else a point read."""
+        if local[-1] - local[0] + 1 == local.size:
+            return self._read_file(f, slice(int(local[0]), int(local[-1]) + 1))
+        return self._read_file(f, local)
+
     def take(self, indices: np.ndarray | Sequence[int]) -> np.ndarray:
         """Rows ``indices`` as float32 (len, T, D), in the given order (repeats allowed).
 
@@ -344,19 +347,12 @@ class FeatureFiles:
             raise IndexError(f"take() indices must lie in [0, {self.n}), got [{idx.min()}, {idx.max()}]")
         file_of = np.searchsorted(self.offsets, idx, side="right") - 1
         if file_of[0] == file_of[-1] and np.all(np.diff(idx) > 0):  # sorted rows of one file: no reordering copy
-            local = idx - self.offsets[file_of[0]]
-            if local[-1] - local[0] + 1 == local.size:
-                return self._read_file(int(file_of[0]), slice(int(local[0]), int(local[-1]) + 1))
-            return self._read_file(int(file_of[0]), local)
+            return self._read_sorted(int(file_of[0]), idx - self.offsets[file_of[0]])
         out = np.empty((idx.size, self.frames, self.dim), dtype=np.float32)
         for f in np.unique(file_of):
             where = np.flatnonzero(file_of == f)
             local, inverse = np.unique(idx[where] - self.offsets[f], return_inverse=True)
-            if local[-1] - local[0] + 1 == local.size:
-                rows = self._read_file(int(f), slice(int(local[0]), int(local[-1]) + 1))
-            else:
-                rows = self._read_file(int(f), local)
-            out[where] = rows[inverse]
+            out[where] = self._read_sorted(int(f), local)[inverse]
         return out
 
     def iter_blocks(self, block: int) -> Iterator[tuple[int, np.ndarray]]:

@@ -52,7 +52,7 @@ def gather_frames(feats: torch.Tensor, idx: torch.Tensor, first_row: int = 0) ->
     """
     b = feats.shape[0]
     rows = (torch.arange(idx.shape[0], device=feats.device) + first_row) % b
-    return feats[rows[:, None], idx.to(feats.device)]
+    return feats[rows[:, None], idx]
 
 
 def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
