@@ -65,7 +65,7 @@ def make_data(
 
 def brute_force_ap(db: np.ndarray, db_labels: np.ndarray, q: np.ndarray, q_labels: np.ndarray, bits: int,
                    ks: tuple[int, ...]) -> np.ndarray:
-    """AP@K per query, transcribed directly from REFERENCE §5 (slow)."""
+    """AP@K per query, transcribed directly from docs/reference.md §5 (slow)."""
     db_bits, q_bits = unpack_bits(db, bits), unpack_bits(q, bits)
     out = np.zeros((len(q), len(ks)))
     for i in range(len(q)):

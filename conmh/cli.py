@@ -38,7 +38,7 @@ def _ks(text: str) -> tuple[int, ...]:
 
 def _add_dataset_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", required=True, choices=["fcvid", "activitynet", "yfcc"],
-                   help="which official layout the data folder follows (REFERENCE §2)")
+                   help="which official layout the data folder follows (docs/reference.md §2)")
     p.add_argument("--data-dir", required=True, type=Path,
                    help="folder holding the dataset's feature (.h5) and label (.mat) files")
 
@@ -64,12 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset", choices=["fcvid", "activitynet", "yfcc"], help="dataset layout to check")
     p.add_argument("data_dir", type=Path, help="folder holding the dataset's files")
     p.add_argument("--real", action="store_true",
-                   help="also require the real release's video counts and feature dims (REFERENCE §2)")
+                   help="also require the real release's video counts and feature dims (docs/reference.md §2)")
     p.add_argument("--no-checksums", action="store_true", help="skip the sha256 of each file")
     p.add_argument("--report", type=Path, help="write the verification report (JSON) here")
 
     p = sub.add_parser("train", help="train ConMH on a dataset's training split", epilog=EPILOG,
-                       description="Train ConMH with the paper's recipe for the dataset (REFERENCE §4); any "
+                       description="Train ConMH with the paper's recipe for the dataset (docs/reference.md §4); any "
                                    "recipe value can be overridden. Writes OUT/checkpoint.pt every epoch, "
                                    "OUT/train_log.jsonl, and OUT/model.pt after the last epoch. Rerunning the same "
                                    "command continues an interrupted run.")
@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1, help="seed of the random hyperplanes (default: 1)")
 
     p = sub.add_parser("evaluate", help="mAP@K of a codes file", epilog=EPILOG,
-                       description="Hamming ranking, mAP@K as REFERENCE §5 defines it; equal distances are "
+                       description="Hamming ranking, mAP@K as docs/reference.md §5 defines it; equal distances are "
                                    "ranked by ascending database index.")
     p.add_argument("codes", type=Path, help="codes file written by `conmh encode` or `conmh lsh`")
     p.add_argument("--out", required=True, type=Path, help="metrics file to write (JSON)")

@@ -1,6 +1,6 @@
 """Binary codes on disk: bit packing and the HDF5 codes file.
 
-A codes file holds everything evaluation needs (REFERENCE §5), so that
+A codes file holds everything evaluation needs (docs/reference.md §5), so that
 ``conmh evaluate`` reads one file and no dataset:
 
 * ``/database/codes`` uint8 (N, ceil(bits/8)) and ``/database/labels`` uint8 (N, C);

@@ -1,6 +1,6 @@
 """Dataset layouts, lazy HDF5 feature access, label loading and verification.
 
-The official releases (REFERENCE.md §2) are large: FCVID's training features
+The official releases (docs/reference.md §2) are large: FCVID's training features
 are ~19 GB and YFCC's ~168 GB, so features are never loaded whole. A
 :class:`FeatureFiles` keeps the HDF5 files open and reads only the rows asked
 for. Every problem a user can cause (a missing file, a wrong key, a bad shape,
@@ -33,13 +33,13 @@ FEATURE_KEY = "feats"
 _SCAN_BYTES = 64 * 2**20
 _SOURCE_HINT = (
     "The official features are on Baidu disk (links in the upstream ConMH README); "
-    "download them by hand and place the files as listed (see REFERENCE.md §2)."
+    "download them by hand and place the files as listed (see docs/reference.md §2)."
 )
 
 
 @dataclass(frozen=True)
 class DatasetLayout:
-    """File names, keys and sizes of one official dataset release (REFERENCE §2)."""
+    """File names, keys and sizes of one official dataset release (docs/reference.md §2)."""
 
     name: str
     frames: int
@@ -375,7 +375,7 @@ def open_split(name: str, data_dir: str | os.PathLike, split: str) -> FeatureFil
         ff.close()
         raise DataError(
             f"{ff.paths[0]}: key {FEATURE_KEY!r} has {ff.frames} frames per video, "
-            f"expected {layout.frames} for {name} (REFERENCE §2)"
+            f"expected {layout.frames} for {name} (docs/reference.md §2)"
         )
     return ff
 
@@ -543,12 +543,12 @@ def verify_dataset(
                 names = ", ".join(layout.feature_files(split))
                 raise DataError(
                     f"{data_dir}: {name} {split} features ({names}) hold {counts[split]} videos, "
-                    f"expected {expected} for the official release (REFERENCE §2)"
+                    f"expected {expected} for the official release (docs/reference.md §2)"
                 )
         if feature_dim != layout.feature_dim:
             raise DataError(
                 f"{dim_source[0]}: key {FEATURE_KEY!r} has feature dim {feature_dim}, "
-                f"expected {layout.feature_dim} for the official {name} release (REFERENCE §2)"
+                f"expected {layout.feature_dim} for the official {name} release (docs/reference.md §2)"
             )
 
     order = {fname: i for i, (_, fname, _) in enumerate(layout.all_files())}

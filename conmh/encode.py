@@ -1,4 +1,4 @@
-"""Videos to binary codes (REFERENCE §5), for a trained model and for the LSH baseline."""
+"""Videos to binary codes (docs/reference.md §5), for a trained model and for the LSH baseline."""
 
 from __future__ import annotations
 

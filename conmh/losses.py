@@ -1,4 +1,4 @@
-"""The two masked views and the two losses of ConMH training (REFERENCE §4)."""
+"""The two masked views and the two losses of ConMH training (docs/reference.md §4)."""
 
 from __future__ import annotations
 

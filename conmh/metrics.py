@@ -1,4 +1,4 @@
-"""mAP@K of Hamming ranking (REFERENCE §5), exact and fast.
+"""mAP@K of Hamming ranking (docs/reference.md §5), exact and fast.
 
 Definition (the one of SSVH, BTH, ConMH and S5VH, not the usual AP): for a
 query, rank the database by ascending Hamming distance; with rel(r) in {0, 1}
@@ -200,7 +200,7 @@ def map_at_k(
     db: np.ndarray, db_labels: np.ndarray, queries: np.ndarray | None, query_labels: np.ndarray | None,
     nbits: int, ks: Iterable[int] = KS, *, chunk: int = DEFAULT_CHUNK, workers: int | None = None,
 ) -> dict[int, float]:
-    """mAP@K for each K in ``ks`` (REFERENCE §5 definition; see the module docstring).
+    """mAP@K for each K in ``ks`` (docs/reference.md §5 definition; see the module docstring).
 
     ``db`` and ``queries`` are packed codes (uint8, ``conmh.codes.pack_bits``),
     labels (N, C) 0/1 matrices. ``queries=None`` (with ``query_labels=None``)

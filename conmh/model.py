@@ -1,4 +1,4 @@
-"""The ConMH network (REFERENCE §3) with the official checkpoints' parameter names.
+"""The ConMH network (docs/reference.md §3) with the official checkpoints' parameter names.
 
 Layout, as in the authors' release:
 

@@ -1,4 +1,4 @@
-"""The paper's training recipes per dataset (REFERENCE §4)."""
+"""The paper's training recipes per dataset (docs/reference.md §4)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Format-faithful miniature datasets for tests and the CPU pipeline.
 
 A miniature has the official release's file names, keys, frame counts and
-split layout (REFERENCE.md §2: YFCC's nine training parts and two database
+split layout (docs/reference.md §2: YFCC's nine training parts and two database
 parts, ActivityNet's separate queries, FCVID's queries = database), but few
 videos and a small feature dim, so the whole pipeline runs in minutes on CPU.
 

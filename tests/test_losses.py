@@ -1,4 +1,4 @@
-"""Masks and losses against direct transcriptions of REFERENCE §4."""
+"""Masks and losses against direct transcriptions of docs/reference.md §4."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from conmh.losses import (
 
 
 def dcl_reference(z1: torch.Tensor, z2: torch.Tensor, t: float, tau: float) -> float:
-    """The formula of REFERENCE §4, one anchor at a time."""
+    """The formula of docs/reference.md §4, one anchor at a time."""
     z = torch.cat([z1, z2]).double()
     u = z / z.norm(dim=1, keepdim=True)
     n = len(u)

@@ -1,4 +1,4 @@
-"""mAP@K: the fast evaluation against a direct transcription of REFERENCE §5, hand-computed cases, invariances."""
+"""mAP@K: the fast evaluation against a direct transcription of docs/reference.md §5, hand-computed cases, invariances."""
 
 from __future__ import annotations
 

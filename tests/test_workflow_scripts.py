@@ -53,7 +53,7 @@ def test_default_config_is_valid_and_runs_the_paper_grid(cfg):
     assert cfg["datasets"] == ["fcvid", "activitynet", "yfcc"]
     assert cfg["bits"] == [16, 32, 64]
     assert all(cfg[d]["source"] == "miniature" for d in steps.DATASETS)
-    # The paper's recipes (REFERENCE §4), epochs = the evaluated epoch.
+    # The paper's recipes (docs/reference.md §4), epochs = the evaluated epoch.
     assert cfg["fcvid"]["recipe"] == {"mask_ratio": 0.75, "batch_size": 512, "epochs": 800, "alpha": 1.0,
                                       "temperature": 0.5, "tau_plus": 0.1, "lr": 1e-4, "seed": 1}
     assert cfg["activitynet"]["recipe"] == {"mask_ratio": 0.5, "batch_size": 128, "epochs": 500, "alpha": 0.2,
@@ -521,7 +521,7 @@ def test_report_puts_the_paper_beside_real_results_with_the_difference(tmp_path)
     assert len(table) == 3 * 4 + 2
     fc64 = table[(table["dataset"] == "FCVID") & (table["bits"] == 64)].set_index("result")
     assert list(fc64.index) == [report.ROW_OURS, report.ROW_LSH, report.ROW_PAPER, report.ROW_DIFF]
-    # REFERENCE §6, FCVID 64 bits.
+    # docs/reference.md §6, FCVID 64 bits.
     assert list(fc64.loc[report.ROW_PAPER, ["mAP@5", "mAP@20", "mAP@40", "mAP@60", "mAP@80", "mAP@100"]]) == [
         0.524, 0.373, 0.326, 0.301, 0.283, 0.267]
     for k in report.PAPER_KS:

@@ -67,7 +67,7 @@ def read_manifest(path: Path) -> dict | None:
 
 
 def describe(layout, name: str) -> str:
-    """What a file of the release holds, for the instructions (counts from REFERENCE §2)."""
+    """What a file of the release holds, for the instructions (counts from docs/reference.md §2)."""
     for split, fname, key in layout.all_files():
         if fname == name:
             what = split if split.endswith("labels") else f"{split} features"

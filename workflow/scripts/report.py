@@ -5,7 +5,7 @@ logs, and writes (under ``--out-dir``):
 
 * ``table.csv`` / ``table.md`` / ``table.tex``: per dataset and code length,
   mAP@5, 20, 40, 60, 80, 100 (the paper's columns) of ConMH and of the LSH
-  baseline; for real datasets also the paper's numbers (REFERENCE §6) and
+  baseline; for real datasets also the paper's numbers (docs/reference.md §6) and
   ours minus the paper's. Miniatures are labelled ``synthetic`` and never
   compared with the paper.
 * ``summary/<dataset>/<method>-<bits>bits.json``: every mAP@K of one run, so
@@ -28,7 +28,7 @@ from pathlib import Path
 import pandas as pd
 
 PAPER_KS = (5, 20, 40, 60, 80, 100)
-# REFERENCE §6: ConMH, mAP@5, 20, 40, 60, 80, 100.
+# docs/reference.md §6: ConMH, mAP@5, 20, 40, 60, 80, 100.
 PAPER: dict[tuple[str, int], tuple[float, ...]] = {
     ("fcvid", 16): (0.350, 0.252, 0.216, 0.196, 0.181, 0.169),
     ("fcvid", 32): (0.476, 0.332, 0.287, 0.263, 0.245, 0.230),
