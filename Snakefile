@@ -4,15 +4,22 @@
     snakemake --cores all --config 'fcvid={source: real}'   # real FCVID (see docs/pipeline.md)
     snakemake --report report.html             # HTML report with the table and figures
 
-The commands of every job are built by workflow/scripts/steps.py, which dvc.yaml
-calls too, so that the two pipelines cannot drift apart.
+Every rule runs `conmh pipeline STEP ...` (conmh/pipeline/steps.py), as every
+dvc.yaml stage does, so the two engines cannot drift apart.
 """
 
-import sys
 from pathlib import Path
 
+import yaml
 from snakemake.exceptions import WorkflowError
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
+
+from conmh.atomic import write_text_if_changed
+from conmh.datasets import DATASETS
+from conmh.errors import ConfigError
+from conmh.pipeline import config as settings
+from conmh.pipeline.paths import Layout
+from conmh.pipeline.training_run import training_code
 
 min_version("9.0")
 
@@ -20,18 +27,17 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
-sys.path.insert(0, str(Path(workflow.basedir) / "workflow" / "scripts"))
-import job  # noqa: E402
-import steps  # noqa: E402
-
-# Type conversion of --config values, then every key checked (all problems listed at once).
+# config.yaml with --config applied, checked once (every problem listed at once); the jobs
+# read this checked copy, so that they see the --config values too.
 try:
-    _checked = steps.check_config(config, "the configuration (config.yaml and --config)")
-except steps.ConfigError as exc:
+    _checked = settings.check_config(config, "the configuration (config.yaml and --config)")
+except ConfigError as exc:
     raise WorkflowError(str(exc)) from None
 config.clear()
 config.update(_checked)
-validate(config, "workflow/schemas/config.schema.yaml")
+LAYOUT = Layout.of(config)
+CONFIG = LAYOUT.effective_config()
+write_text_if_changed(CONFIG, yaml.safe_dump(config, sort_keys=True))
 
 # A released checkpoint that is not there must stop the run: with earlier outputs
 # in place Snakemake would otherwise see nothing to do and keep stale results.
@@ -43,8 +49,6 @@ _absent = [
 ]
 if _absent:
     raise WorkflowError("released checkpoint file(s) not found:\n  " + "\n  ".join(_absent))
-
-LAYOUT = steps.Layout.of(config)
 
 
 include: "workflow/rules/common.smk"

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from conmh.codes import pack_bits, unpack_bits
-from conmh.metrics import KS, DEFAULT_CHUNK, average_precision_at_k, map_at_k
+from conmh.metrics import DEFAULT_CHUNK, KS, average_precision_at_k, map_at_k
 
 
 def make_data(
@@ -63,8 +63,9 @@ def make_data(
     return pack_bits(bits_), labels
 
 
-def brute_force_ap(db: np.ndarray, db_labels: np.ndarray, q: np.ndarray, q_labels: np.ndarray, bits: int,
-                   ks: tuple[int, ...]) -> np.ndarray:
+def brute_force_ap(
+    db: np.ndarray, db_labels: np.ndarray, q: np.ndarray, q_labels: np.ndarray, bits: int, ks: tuple[int, ...]
+) -> np.ndarray:
     """AP@K per query, transcribed directly from docs/reference.md §5 (slow)."""
     db_bits, q_bits = unpack_bits(db, bits), unpack_bits(q, bits)
     out = np.zeros((len(q), len(ks)))
@@ -103,8 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.queries:
         queries, query_labels = make_data(args.queries, args.bits, args.classes, args.clustered, rng)
     n_queries = args.queries or args.n
-    run = lambda: map_at_k(db, db_labels, queries, query_labels, args.bits, KS,  # noqa: E731
-                           chunk=args.chunk, workers=args.workers)
+
+    def run() -> dict[int, float]:
+        return map_at_k(db, db_labels, queries, query_labels, args.bits, KS, chunk=args.chunk, workers=args.workers)
 
     times, cpus = [], []
     for _ in range(args.repeat):
@@ -133,19 +135,27 @@ def main(argv: list[str] | None = None) -> int:
         verified = bool(np.allclose(fast, slow, rtol=0, atol=1e-12))
 
     result = {
-        "n_database": args.n, "n_queries": n_queries, "bits": args.bits, "classes": args.classes,
+        "n_database": args.n,
+        "n_queries": n_queries,
+        "bits": args.bits,
+        "classes": args.classes,
         "protocol": "separate_queries" if args.queries else "queries_are_database",
         "codes": "clustered" if args.clustered else "uniform",
-        "workers": args.workers or len(os.sched_getaffinity(0)), "chunk": args.chunk,
-        "seconds": round(times[best], 3), "cpu_seconds": round(cpus[best], 3),
+        "workers": args.workers or len(os.sched_getaffinity(0)),
+        "chunk": args.chunk,
+        "seconds": round(times[best], 3),
+        "cpu_seconds": round(cpus[best], 3),
         "all_seconds": [round(t, 3) for t in times],
         "peak_numpy_mb_tracemalloc": round((peak - base) / 2**20, 1),
-        "maxrss_mb_before": round(rss_before / 2**20, 1), "maxrss_mb_after": round(rss_after / 2**20, 1),
-        "verified_queries": min(args.verify, n_queries) if args.verify else 0, "verified": verified,
+        "maxrss_mb_before": round(rss_before / 2**20, 1),
+        "maxrss_mb_after": round(rss_after / 2**20, 1),
+        "verified_queries": min(args.verify, n_queries) if args.verify else 0,
+        "verified": verified,
         "map": {str(k): round(v, 6) for k, v in maps.items()},
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "load_average": [round(x, 2) for x in os.getloadavg()],
-        "numpy": np.__version__, "python": platform.python_version(),
+        "numpy": np.__version__,
+        "python": platform.python_version(),
     }
     rows = [
         ("pairs", f"{n_queries:,} x {args.n:,} ({args.bits} bits, {result['codes']}, {result['protocol']})"),
@@ -155,8 +165,12 @@ def main(argv: list[str] | None = None) -> int:
         ("peak numpy memory", f"{result['peak_numpy_mb_tracemalloc']:.1f} MB (tracemalloc, during one call)"),
         ("process peak RSS", f"{result['maxrss_mb_before']:.0f} MB before, {result['maxrss_mb_after']:.0f} MB after"),
         ("load average", ", ".join(map(str, result["load_average"]))),
-        ("brute-force check", "skipped" if verified is None
-         else f"{'OK' if verified else 'MISMATCH'} on {result['verified_queries']} queries"),
+        (
+            "brute-force check",
+            "skipped"
+            if verified is None
+            else f"{'OK' if verified else 'MISMATCH'} on {result['verified_queries']} queries",
+        ),
         ("mAP@" + ",".join(map(str, KS)), " ".join(f"{v:.4f}" for v in maps.values())),
     ]
     width = max(len(k) for k, _ in rows)

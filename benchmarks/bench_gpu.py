@@ -31,7 +31,7 @@ The JSON report is rewritten after every part, so a run cut short keeps what
 it measured. Parts that would not fit in what is left of ``--budget-s`` are
 skipped (recorded as such); the pipeline gets the time that is left as its
 timeout. ``--device cpu`` with a tiny ``--scale`` and ``--dim`` runs the same
-code on a CPU (``tests/test_bench_gpu.py``).
+code on a CPU (``tests/e2e/test_bench_gpu.py``).
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ import tempfile
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import h5py
 import numpy as np
@@ -66,8 +66,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import MatmulPeak, Runner, dtype_name, sync  # noqa: E402
 
 from conmh.atomic import atomic_path, write_text_atomic  # noqa: E402
-from conmh.data import FEATURE_KEY, LAYOUTS, FeatureFiles  # noqa: E402
+from conmh.datasets import FEATURE_KEY, LAYOUTS  # noqa: E402
 from conmh.encode import encode_features  # noqa: E402
+from conmh.features import FeatureFiles  # noqa: E402
 from conmh.model import ConMH, ModelConfig  # noqa: E402
 from conmh.recipes import get_recipe  # noqa: E402
 from conmh.train import LOG, train, training_step  # noqa: E402
@@ -82,8 +83,21 @@ PRECISION_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Seconds a part needs at least to be started (the pipeline then gets all that is left).
 MIN_SECONDS = {"resident": 0, "stream": 30, "encode": 15, "pipeline": 60}
 # Never copied into the pipeline's scratch repository: outputs, tool state, wheels (top level) and caches.
-NOT_COPIED_TOP = {".git", ".dvc", "data", "work", "results", "logs", ".snakemake", "report.html", "build", ".venv",
-                  ".whl", ".device", "dvc.lock"}
+NOT_COPIED_TOP = {
+    ".git",
+    ".dvc",
+    "data",
+    "work",
+    "results",
+    "logs",
+    ".snakemake",
+    "report.html",
+    "build",
+    ".venv",
+    ".whl",
+    ".device",
+    "dvc.lock",
+}
 NOT_COPIED = {"__pycache__", ".pytest_cache", ".hypothesis"}
 
 
@@ -108,24 +122,32 @@ class Report:
     def run(self, name: str, fn: Callable[[], dict], min_seconds: float = 0.0) -> dict:
         """Run one part: its dict, or ``status: failed`` with the error, or ``skipped`` when time is short."""
         if self.left() < min_seconds:
-            entry = {"status": "skipped", "reason": f"{self.left():.0f} s of the budget left, the part needs "
-                                                    f"at least {min_seconds:.0f} s"}
+            entry = {
+                "status": "skipped",
+                "reason": f"{self.left():.0f} s of the budget left, the part needs at least {min_seconds:.0f} s",
+            }
         else:
             say(f"--- {name} ({self.left():.0f} s of the budget left)")
             tic = time.perf_counter()
             try:
                 entry = {"status": "ok", **fn()}
             except Exception as exc:  # noqa: BLE001 - every part fails soft
-                entry = {"status": "failed", "error": f"{type(exc).__name__}: {exc}",
-                         "traceback": traceback.format_exc()[-4000:], **getattr(exc, "details", {})}
+                entry = {
+                    "status": "failed",
+                    "error": f"{type(exc).__name__}: {exc}",
+                    "traceback": traceback.format_exc()[-4000:],
+                    **getattr(exc, "details", {}),
+                }
             entry["part_wall_s"] = time.perf_counter() - tic
             if entry["status"] == "failed":  # free what the failed part's frames held before the next part
                 gc.collect()
                 if torch.cuda.is_initialized():
                     torch.cuda.empty_cache()
         self.data["parts"][name] = entry
-        say(f"{name}: {entry['status']}" + (f" ({entry.get('error') or entry.get('reason')})"
-                                           if entry["status"] != "ok" else ""))
+        say(
+            f"{name}: {entry['status']}"
+            + (f" ({entry.get('error') or entry.get('reason')})" if entry["status"] != "ok" else "")
+        )
         self.save()
         return entry
 
@@ -141,17 +163,28 @@ def free_device_memory(device: torch.device) -> None:
 
 
 def environment(device: torch.device) -> dict:
-    env = {"argv": sys.argv, "python": platform.python_version(), "torch": torch.__version__,
-           "cuda": torch.version.cuda, "cpu_count": os.cpu_count(), "device": str(device),
-           "torch_threads": torch.get_num_threads(), "host_memory_gb": _host_memory_gb(),
-           "float32_matmul_precision": torch.get_float32_matmul_precision()}
+    env = {
+        "argv": sys.argv,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cpu_count": os.cpu_count(),
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "host_memory_gb": _host_memory_gb(),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+    }
     if device.type != "cuda":
         env["device_name"] = platform.processor() or "cpu"
         return env
     try:
         props = torch.cuda.get_device_properties(device)
-        env.update(device_name=props.name, device_memory_gb=props.total_memory / 1e9,
-                   cudnn=torch.backends.cudnn.version(), tf32=tf32_settings())
+        env.update(
+            device_name=props.name,
+            device_memory_gb=props.total_memory / 1e9,
+            cudnn=torch.backends.cudnn.version(),
+            tf32=tf32_settings(),
+        )
     except Exception as exc:  # noqa: BLE001 - a description, not a measurement
         env["error"] = f"{type(exc).__name__}: {exc}"
     return env
@@ -159,8 +192,11 @@ def environment(device: torch.device) -> dict:
 
 def tf32_settings() -> dict:
     """Whether float32 matrix products may use TF32 (they should not: ``fp32`` means float32)."""
-    return {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32,
-            "matmul_fp32_precision": getattr(torch.backends.cuda.matmul, "fp32_precision", None)}
+    return {
+        "matmul": torch.backends.cuda.matmul.allow_tf32,
+        "cudnn": torch.backends.cudnn.allow_tf32,
+        "matmul_fp32_precision": getattr(torch.backends.cuda.matmul, "fp32_precision", None),
+    }
 
 
 def _host_memory_gb() -> float | None:
@@ -180,7 +216,7 @@ def make_features(n: int, frames: int, dim: int, device: torch.device, seed: int
     gen = torch.Generator(device=device).manual_seed(seed)
     for start in range(0, n, chunk):
         rows = min(chunk, n - start)
-        out[start:start + rows].copy_(torch.randn((rows, frames, dim), generator=gen, device=device).relu_())
+        out[start : start + rows].copy_(torch.randn((rows, frames, dim), generator=gen, device=device).relu_())
     return host
 
 
@@ -228,24 +264,47 @@ def matmul_peaks(device: torch.device) -> dict:
     return out
 
 
-def train_run(feats, cfg: ModelConfig, recipe, out_dir: Path, device: torch.device, precision: str,
-              data_mode: str, flops: dict | None, peaks: dict | None) -> dict:
+def train_run(
+    feats,
+    cfg: ModelConfig,
+    recipe,
+    out_dir: Path,
+    device: torch.device,
+    precision: str,
+    data_mode: str,
+    flops: dict | None,
+    peaks: dict | None,
+) -> dict:
     """One ``conmh.train.train`` run; the numbers of its last epoch."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     sync(device)
     tic = time.perf_counter()
-    train(feats, cfg, recipe, out_dir, device=str(device), progress=False, data_mode=data_mode,
-          precision=precision, meta={"benchmark": "bench_gpu"})
+    train(
+        feats,
+        cfg,
+        recipe,
+        out_dir,
+        device=str(device),
+        progress=False,
+        data_mode=data_mode,
+        precision=precision,
+        meta={"benchmark": "bench_gpu"},
+    )
     sync(device)
     wall = time.perf_counter() - tic
     log = [json.loads(line) for line in (out_dir / LOG).read_text(encoding="utf-8").splitlines() if line.strip()]
     last = log[-1]
     entry = {
-        "precision": last.get("precision", precision), "data_mode": data_mode, "epochs": len(log),
+        "precision": last.get("precision", precision),
+        "data_mode": data_mode,
+        "epochs": len(log),
         "epoch_log": [{k: e.get(k) for k in ("epoch", "seconds", "videos_per_s", "loss")} for e in log],
-        "epoch_seconds": last["seconds"], "videos_per_s": last["videos_per_s"], "final_loss": last["loss"],
-        "train_call_s": wall, "setup_and_checkpoints_s": wall - sum(e["seconds"] for e in log),
+        "epoch_seconds": last["seconds"],
+        "videos_per_s": last["videos_per_s"],
+        "final_loss": last["loss"],
+        "train_call_s": wall,
+        "setup_and_checkpoints_s": wall - sum(e["seconds"] for e in log),
         "fcvid_epoch_s": FCVID_VIDEOS / last["videos_per_s"],
     }
     entry["projected_805_epochs_min"] = PAPER_EPOCHS * entry["fcvid_epoch_s"] / 60
@@ -259,10 +318,12 @@ def train_run(feats, cfg: ModelConfig, recipe, out_dir: Path, device: torch.devi
         entry["peak_gpu_reserved_gb"] = torch.cuda.max_memory_reserved(device) / 1e9
         entry["tf32_after"] = tf32_settings()
     free_device_memory(device)
-    say(f"  {precision} {data_mode}: epoch {len(log)} {entry['epoch_seconds']:.3f} s, "
+    say(
+        f"  {precision} {data_mode}: epoch {len(log)} {entry['epoch_seconds']:.3f} s, "
         f"{entry['videos_per_s']:,.0f} videos/s, FCVID epoch {entry['fcvid_epoch_s']:.2f} s"
         + (f", {entry['tflops_per_s']:.1f} TFLOP/s" if "tflops_per_s" in entry else "")
-        + (f", peak {entry['peak_gpu_memory_gb']:.1f} GB" if "peak_gpu_memory_gb" in entry else ""))
+        + (f", peak {entry['peak_gpu_memory_gb']:.1f} GB" if "peak_gpu_memory_gb" in entry else "")
+    )
     return entry
 
 
@@ -280,8 +341,13 @@ def encode_rate(feats, cfg: ModelConfig, device: torch.device, batch_size: int, 
     del model
     free_device_memory(device)
     say(f"  {feats.n:,} videos in {seconds:.2f} s: {feats.n / seconds:,.0f} videos/s")
-    return {"videos": feats.n, "batch_size": batch_size, "seconds": seconds, "videos_per_s": feats.n / seconds,
-            "bit_balance": float(bits.mean())}
+    return {
+        "videos": feats.n,
+        "batch_size": batch_size,
+        "seconds": seconds,
+        "videos_per_s": feats.n / seconds,
+        "bit_balance": float(bits.mean()),
+    }
 
 
 # --------------------------------------------------------------------------- pipeline
@@ -351,14 +417,24 @@ def run_pipeline(device: str, cores: int, timeout_s: float, workdir: Path, extra
     if missing:
         raise RuntimeError(f"the pipeline needs {', '.join(missing)} (on PATH / importable); not found")
     repo = copy_repo(workdir / "repo")
-    cmd = [sys.executable, "-m", "snakemake", "--cores", str(cores), "-p", "--config", f"miniature={{device: {device}}}",
-           *extra_config]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--cores",
+        str(cores),
+        "-p",
+        "--config",
+        f"miniature={{device: {device}}}",
+        *extra_config,
+    ]
     say(f"  {' '.join(cmd)}  (in {repo}, timeout {timeout_s:.0f} s)")
     monitor = GpuProcesses() if device.startswith("cuda") and shutil.which("nvidia-smi") else None
     tic, timed_out = time.perf_counter(), False
     with monitor or contextlib.nullcontext():
-        proc = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
         try:
             output, _ = proc.communicate(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -368,8 +444,11 @@ def run_pipeline(device: str, cores: int, timeout_s: float, workdir: Path, extra
     wall = time.perf_counter() - tic
     jobs = re.findall(r"conmh (train|encode) .*?--device (\S+)", output)
     result = {
-        "command": cmd, "returncode": proc.returncode, "timed_out": timed_out,
-        "wall_s": wall, "train_jobs": sum(kind == "train" for kind, _ in jobs),
+        "command": cmd,
+        "returncode": proc.returncode,
+        "timed_out": timed_out,
+        "wall_s": wall,
+        "train_jobs": sum(kind == "train" for kind, _ in jobs),
         "encode_jobs": sum(kind == "encode" for kind, _ in jobs),
         "job_devices": sorted({dev for _, dev in jobs}),
         "train_log_precisions": _train_log_precisions(repo / "results" / "train"),
@@ -383,13 +462,19 @@ def run_pipeline(device: str, cores: int, timeout_s: float, workdir: Path, extra
             result["table"] = list(csv.DictReader(fh))
         md = repo / "results" / "table.md"
         result["table_md"] = md.read_text(encoding="utf-8") if md.is_file() else None
-    result["all_jobs_on_device"] = (proc.returncode == 0 and result["job_devices"] == [device]
-                                    and result["train_jobs"] > 0 and result["encode_jobs"] > 0)
+    result["all_jobs_on_device"] = (
+        proc.returncode == 0
+        and result["job_devices"] == [device]
+        and result["train_jobs"] > 0
+        and result["encode_jobs"] > 0
+    )
     if proc.returncode != 0:
         result["output_tail"] = output[-6000:]
         raise PipelineFailed(result)
-    say(f"  ok in {wall:.0f} s: {result['train_jobs']} train + {result['encode_jobs']} encode jobs on "
-        f"{result['job_devices']}" + (f", {result['gpu_processes_seen']} GPU processes seen" if monitor else ""))
+    say(
+        f"  ok in {wall:.0f} s: {result['train_jobs']} train + {result['encode_jobs']} encode jobs on "
+        f"{result['job_devices']}" + (f", {result['gpu_processes_seen']} GPU processes seen" if monitor else "")
+    )
     return result
 
 
@@ -397,8 +482,11 @@ class PipelineFailed(Exception):
     """The pipeline exited non-zero; ``details`` holds what was measured and the output's tail."""
 
     def __init__(self, details: dict) -> None:
-        super().__init__(f"snakemake exited with {details['returncode']} after {details['wall_s']:.0f} s"
-                         + (" (timed out)" if details["timed_out"] else "") + "; its output_tail is in the report")
+        super().__init__(
+            f"snakemake exited with {details['returncode']} after {details['wall_s']:.0f} s"
+            + (" (timed out)" if details["timed_out"] else "")
+            + "; its output_tail is in the report"
+        )
         self.details = details
 
 
@@ -419,7 +507,8 @@ def markdown(data: dict) -> str:
     env, parts, s = data["environment"], data["parts"], data["setting"]
     lines = [
         f"Device: {env.get('device_name')} ({env['device']}), torch {env['torch']}"
-        + (f", CUDA {env['cuda']}" if env.get("cuda") else "") + f"; float32 matmul precision "
+        + (f", CUDA {env['cuda']}" if env.get("cuda") else "")
+        + f"; float32 matmul precision "
         f"{env['float32_matmul_precision']}.",
         f"Data: {s['videos']:,} videos x {s['frames']} x {s['dim']} float32 ({s['gb']:.1f} GB), "
         f"preset {s['preset']}, {s['bits']} bits, batch {s['batch_size']}, epoch {s['epochs']} of {s['epochs']} "
@@ -429,48 +518,73 @@ def markdown(data: dict) -> str:
         lines.append(f"Features generated on {env['device']} into host memory in {parts['data']['generate_s']:.1f} s.")
     flops, peaks = parts.get("flops", {}), parts.get("matmul_peak", {})
     if flops.get("status") == "ok":
-        lines.append(f"FLOPs of one step (forward + backward, batch {flops['batch_size']}): "
-                     f"{flops['flops_per_step'] / 1e9:,.1f} GFLOP.")
+        lines.append(
+            f"FLOPs of one step (forward + backward, batch {flops['batch_size']}): "
+            f"{flops['flops_per_step'] / 1e9:,.1f} GFLOP."
+        )
     if peaks.get("status") == "ok":
-        lines.append("Matrix-multiply peak (best torch.mm): " + ", ".join(
-            f"{k} {v['best'] / 1e12:.1f} TFLOP/s" for k, v in peaks["peaks"].items() if isinstance(v, dict)) + ".")
+        lines.append(
+            "Matrix-multiply peak (best torch.mm): "
+            + ", ".join(f"{k} {v['best'] / 1e12:.1f} TFLOP/s" for k, v in peaks["peaks"].items() if isinstance(v, dict))
+            + "."
+        )
     runs = [name for name in ("resident_fp32", "resident_bf16", "stream_fp32") if name in parts]
     if runs:
-        lines += ["", "| run | data | epoch s | videos/s | FCVID epoch s | 805 epochs (min) | TFLOP/s | of peak "
-                      "| peak GPU memory GB |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| run | data | epoch s | videos/s | FCVID epoch s | 805 epochs (min) | TFLOP/s | of peak "
+            "| peak GPU memory GB |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
     for name in runs:
         p = parts[name]
         if p["status"] != "ok":
             lines.append(f"| {name} | {p['status']}: {p.get('error') or p.get('reason')} | | | | | | | |")
             continue
-        data_kind = (f"resident ({s['videos']:,} videos)" if p["data_mode"] == "memory"
-                     else f"HDF5 stream ({p.get('videos', 0):,} videos)")
+        data_kind = (
+            f"resident ({s['videos']:,} videos)"
+            if p["data_mode"] == "memory"
+            else f"HDF5 stream ({p.get('videos', 0):,} videos)"
+        )
         lines.append(
             f"| {name} | {data_kind} | {p['epoch_seconds']:.3f} | {p['videos_per_s']:,.0f} | {p['fcvid_epoch_s']:.2f} "
             f"| {p['projected_805_epochs_min']:.1f} | {_fmt(p.get('tflops_per_s'), '.3g')} "
-            f"| {_fmt(p.get('fraction_of_matmul_peak'), '.2f')} | {_fmt(p.get('peak_gpu_memory_gb'), '.1f')} |")
+            f"| {_fmt(p.get('fraction_of_matmul_peak'), '.2f')} | {_fmt(p.get('peak_gpu_memory_gb'), '.1f')} |"
+        )
     for name in ("encode_memory", "encode_hdf5"):
         p = parts.get(name)
         if p:
-            lines.append(f"\nEncoding {name.split('_')[1]} (float32, batch {p.get('batch_size', '?')}): "
-                         + (f"{p['videos']:,} videos in {p['seconds']:.2f} s, {p['videos_per_s']:,.0f} videos/s"
-                            if p["status"] == "ok" else f"{p['status']}: {p.get('error') or p.get('reason')}"))
+            lines.append(
+                f"\nEncoding {name.split('_')[1]} (float32, batch {p.get('batch_size', '?')}): "
+                + (
+                    f"{p['videos']:,} videos in {p['seconds']:.2f} s, {p['videos_per_s']:,.0f} videos/s"
+                    if p["status"] == "ok"
+                    else f"{p['status']}: {p.get('error') or p.get('reason')}"
+                )
+            )
     if "goal" in data:
         g = data["goal"]
-        lines.append(f"\nGoal (FCVID epoch <= {EPOCH_GOAL_S:g} s in float32): "
-                     f"{'met' if g['epoch_goal_met'] else 'NOT met'}: {g['fcvid_epoch_s']:.2f} s per epoch, "
-                     f"{g['projected_805_epochs_min']:.1f} min for {PAPER_EPOCHS} epochs.")
+        lines.append(
+            f"\nGoal (FCVID epoch <= {EPOCH_GOAL_S:g} s in float32): "
+            f"{'met' if g['epoch_goal_met'] else 'NOT met'}: {g['fcvid_epoch_s']:.2f} s per epoch, "
+            f"{g['projected_805_epochs_min']:.1f} min for {PAPER_EPOCHS} epochs."
+        )
     p = parts.get("pipeline")
     if p:
         if p["status"] == "ok":
-            lines.append(f"\nPipeline (miniature, device {p['job_devices']}): ok in {p['wall_s']:.0f} s, "
-                         f"{p['train_jobs']} train + {p['encode_jobs']} encode jobs, {p['models']} models, "
-                         f"train-log precisions {p['train_log_precisions']}"
-                         + (f", {p['gpu_processes_seen']} GPU processes seen" if "gpu_processes_seen" in p else ""))
+            lines.append(
+                f"\nPipeline (miniature, device {p['job_devices']}): ok in {p['wall_s']:.0f} s, "
+                f"{p['train_jobs']} train + {p['encode_jobs']} encode jobs, {p['models']} models, "
+                f"train-log precisions {p['train_log_precisions']}"
+                + (f", {p['gpu_processes_seen']} GPU processes seen" if "gpu_processes_seen" in p else "")
+            )
             if p.get("table_md"):
                 lines += ["", p["table_md"].strip()]
-    bad = [f"{name} ({p['status']}: {p.get('error') or p.get('reason')})" for name, p in parts.items()
-           if p["status"] != "ok"]
+    bad = [
+        f"{name} ({p['status']}: {p.get('error') or p.get('reason')})"
+        for name, p in parts.items()
+        if p["status"] != "ok"
+    ]
     if bad:
         lines.append("\nParts not done: " + "; ".join(bad))
     return "\n".join(lines)
@@ -497,10 +611,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--encode-batch", type=int, default=1024)
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
     parser.add_argument("--pipeline-cores", type=int, default=4)
-    parser.add_argument("--pipeline-config", default="",
-                        help="more snakemake --config items, space-separated (default: none, the whole miniature run)")
-    parser.add_argument("--budget-s", type=float, default=450.0,
-                        help="time budget: later parts are skipped when it runs short")
+    parser.add_argument(
+        "--pipeline-config",
+        default="",
+        help="more snakemake --config items, space-separated (default: none, the whole miniature run)",
+    )
+    parser.add_argument(
+        "--budget-s", type=float, default=450.0, help="time budget: later parts are skipped when it runs short"
+    )
     parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch files")
     parser.add_argument("--seed", type=int, default=1)
@@ -525,10 +643,22 @@ def main(argv: list[str] | None = None) -> int:
     frames = FCVID.frames
     cfg = ModelConfig.from_preset(args.preset, feature_dim=args.dim, frames=frames, nbits=args.bits)
     recipe = get_recipe("fcvid").replace(epochs=args.epochs, batch_size=args.batch_size)
-    report.data.update(environment=environment(device), setting={
-        "videos": n, "frames": frames, "dim": args.dim, "gb": n * frames * args.dim * 4 / 1e9, "preset": args.preset,
-        "bits": args.bits, "batch_size": args.batch_size, "epochs": args.epochs, "recipe": recipe.to_dict(),
-        "parts": args.parts, "budget_s": args.budget_s})
+    report.data.update(
+        environment=environment(device),
+        setting={
+            "videos": n,
+            "frames": frames,
+            "dim": args.dim,
+            "gb": n * frames * args.dim * 4 / 1e9,
+            "preset": args.preset,
+            "bits": args.bits,
+            "batch_size": args.batch_size,
+            "epochs": args.epochs,
+            "recipe": recipe.to_dict(),
+            "parts": args.parts,
+            "budget_s": args.budget_s,
+        },
+    )
     report.save()
     if args.workdir is not None:
         args.workdir.mkdir(parents=True, exist_ok=True)
@@ -546,7 +676,7 @@ def main(argv: list[str] | None = None) -> int:
             path = scratch / "stream" / FCVID.train[0]
             path.parent.mkdir(parents=True, exist_ok=True)
             tic = time.perf_counter()
-            write_h5(path, features()[:min(args.stream_videos, n)])
+            write_h5(path, features()[: min(args.stream_videos, n)])
             state["h5_write_s"] = time.perf_counter() - tic
             state["h5"] = FeatureFiles([path])
         return state["h5"]
@@ -558,43 +688,71 @@ def main(argv: list[str] | None = None) -> int:
 
     def stream() -> dict:
         ff = h5_file()
-        return {"videos": ff.n, "h5_write_s": state["h5_write_s"],
-                **train_run(ff, cfg, recipe, scratch / "stream-fp32", device, "fp32", "stream", flops, peaks)}
+        return {
+            "videos": ff.n,
+            "h5_write_s": state["h5_write_s"],
+            **train_run(ff, cfg, recipe, scratch / "stream-fp32", device, "fp32", "stream", flops, peaks),
+        }
 
     try:
         if any(p in args.parts for p in ("resident", "stream", "encode")):
             report.run("data", generate)
         if any(p in args.parts for p in ("resident", "stream")):
             report.run("matmul_peak", lambda: {"peaks": matmul_peaks(device)})
-            report.run("flops", lambda: count_flops(
-                cfg, recipe, torch.from_numpy(features()[:args.batch_size]).to(device), device, args.seed))
-        flops = report.data["parts"].get("flops") if report.data["parts"].get("flops", {}).get("status") == "ok" \
-            else None
+            report.run(
+                "flops",
+                lambda: count_flops(
+                    cfg, recipe, torch.from_numpy(features()[: args.batch_size]).to(device), device, args.seed
+                ),
+            )
+        flops = (
+            report.data["parts"].get("flops") if report.data["parts"].get("flops", {}).get("status") == "ok" else None
+        )
         peaks = report.data["parts"].get("matmul_peak", {}).get("peaks")
         if "resident" in args.parts:
             for precision in ("fp32", "bf16"):
-                report.run(f"resident_{precision}", lambda p=precision: train_run(
-                    features(), cfg, recipe, scratch / f"resident-{p}", device, p, "memory", flops, peaks))
+                report.run(
+                    f"resident_{precision}",
+                    lambda p=precision: train_run(
+                        features(), cfg, recipe, scratch / f"resident-{p}", device, p, "memory", flops, peaks
+                    ),
+                )
             fp32 = report.data["parts"]["resident_fp32"]
             if fp32["status"] == "ok":
-                report.data["goal"] = {"fcvid_epoch_s": fp32["fcvid_epoch_s"],
-                                       "epoch_goal_met": fp32["fcvid_epoch_s"] <= EPOCH_GOAL_S,
-                                       "projected_805_epochs_min": fp32["projected_805_epochs_min"]}
+                report.data["goal"] = {
+                    "fcvid_epoch_s": fp32["fcvid_epoch_s"],
+                    "epoch_goal_met": fp32["fcvid_epoch_s"] <= EPOCH_GOAL_S,
+                    "projected_805_epochs_min": fp32["projected_805_epochs_min"],
+                }
         if "stream" in args.parts:
             report.run("stream_fp32", stream, MIN_SECONDS["stream"])
         if "encode" in args.parts:
-            report.run("encode_memory", lambda: encode_rate(ArrayFeatures(features()), cfg, device,
-                                                            args.encode_batch, args.seed), MIN_SECONDS["encode"])
-            report.run("encode_hdf5", lambda: encode_rate(h5_file(), cfg, device, args.encode_batch, args.seed),
-                       MIN_SECONDS["encode"])
+            report.run(
+                "encode_memory",
+                lambda: encode_rate(ArrayFeatures(features()), cfg, device, args.encode_batch, args.seed),
+                MIN_SECONDS["encode"],
+            )
+            report.run(
+                "encode_hdf5",
+                lambda: encode_rate(h5_file(), cfg, device, args.encode_batch, args.seed),
+                MIN_SECONDS["encode"],
+            )
         if "h5" in state:
             state.pop("h5").close()
         state.pop("feats", None)
         free_device_memory(device)
         if "pipeline" in args.parts:
-            report.run("pipeline", lambda: run_pipeline(str(device), args.pipeline_cores, max(30.0, report.left() - 10),
-                                                        scratch / "pipeline", args.pipeline_config.split()),
-                       MIN_SECONDS["pipeline"])
+            report.run(
+                "pipeline",
+                lambda: run_pipeline(
+                    str(device),
+                    args.pipeline_cores,
+                    max(30.0, report.left() - 10),
+                    scratch / "pipeline",
+                    args.pipeline_config.split(),
+                ),
+                MIN_SECONDS["pipeline"],
+            )
     finally:
         if not args.keep:
             shutil.rmtree(scratch, ignore_errors=True)

@@ -75,7 +75,7 @@ def child(mode: str, path: str, steps: int, batch: int, threads: int, default_al
     if mode == "train" and not default_allocator:
         keep_freed_memory()
 
-    from conmh.data import FeatureFiles
+    from conmh.features import FeatureFiles
     from conmh.loader import StreamingBatches
     from conmh.model import ConMH, ModelConfig
     from conmh.recipes import RECIPES
@@ -102,8 +102,18 @@ def child(mode: str, path: str, steps: int, batch: int, threads: int, default_al
                 opt.step()
                 videos += len(x)
         seconds = time.perf_counter() - tic
-    print(json.dumps({"mode": mode, "videos": videos, "seconds": seconds, "videos_per_s": videos / seconds,
-                      "peak_rss_mb": peak_rss_mb(), "n": ff.n}))
+    print(
+        json.dumps(
+            {
+                "mode": mode,
+                "videos": videos,
+                "seconds": seconds,
+                "videos_per_s": videos / seconds,
+                "peak_rss_mb": peak_rss_mb(),
+                "n": ff.n,
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -130,8 +140,19 @@ def main() -> None:
         for mode in ("loader", "loader-cold", "train"):
             if mode == "loader-cold" and not drop_page_cache():
                 continue
-            cmd = [sys.executable, __file__, "--child", mode, str(path), "--steps", str(args.steps),
-                   "--train-batch", str(args.train_batch), "--threads", str(args.threads)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                mode,
+                str(path),
+                "--steps",
+                str(args.steps),
+                "--train-batch",
+                str(args.train_batch),
+                "--threads",
+                str(args.threads),
+            ]
             cmd += ["--default-allocator"] if args.default_allocator else []
             result = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
             rows.append({"file_gb": size, **result})

@@ -11,8 +11,10 @@ Runs:
 * the 9 miniature runs of the default pipeline (``config.yaml``: every
   dataset x every code length): the miniature data of ``make_miniature``
   (generation seed, sizes and preset from the config's ``miniature`` section)
-  and the pipeline's recipe (the dataset's recipe with the config's
-  ``miniature.train`` overrides, as ``workflow/scripts/steps.py`` builds it);
+  and the pipeline's recipe (the paper's, ``conmh.recipes``, with the
+  dataset's ``recipe`` changes and the config's ``miniature.train``
+  overrides: ``conmh.pipeline.config.recipe_changes``, as
+  ``conmh.pipeline.steps.train_command`` passes them to ``conmh train``);
 * one larger generated set (``--larger``, default on): an FCVID-style
   miniature of 2,000 training and 2,000 database videos, 512-dim features,
   32 classes, trained with the paper's ``small`` preset at 64 bits for 4
@@ -74,8 +76,20 @@ from conmh.synthetic import MINIATURE_DEFAULTS, MiniatureSpec
 ROOT = Path(__file__).resolve().parents[1]
 PRECISIONS = ("fp32", "bf16")
 TABLE_KS = (5, 20, 100)
-COLUMNS = ("run", "dataset", "bits", "seed", "precision", "k", "map", "train_s", "train_cpu_s", "epochs",
-           "final_loss", "load_avg")
+COLUMNS = (
+    "run",
+    "dataset",
+    "bits",
+    "seed",
+    "precision",
+    "k",
+    "map",
+    "train_s",
+    "train_cpu_s",
+    "epochs",
+    "final_loss",
+    "load_avg",
+)
 
 # The larger generated set, trained with the paper's preset: 2,000 videos x
 # 4 epochs, about a minute or so of fp32 training with 2 threads on the team
@@ -107,9 +121,16 @@ class Run:
 
     def plan(self, threads: int) -> dict:
         recipe = {k: v for k, v in self.recipe.to_dict().items() if k != "seed"}
-        return {"dataset": self.dataset, "data": self.data_name, "bits": self.bits, "preset": self.preset,
-                "spec": dataclasses.asdict(self.spec), "data_seed": self.data_seed, "recipe": recipe,
-                "threads": threads}
+        return {
+            "dataset": self.dataset,
+            "data": self.data_name,
+            "bits": self.bits,
+            "preset": self.preset,
+            "spec": dataclasses.asdict(self.spec),
+            "data_seed": self.data_seed,
+            "recipe": recipe,
+            "threads": threads,
+        }
 
 
 # --------------------------------------------------------------------------- runs
@@ -137,8 +158,12 @@ def _has(node: object, keys: list[str]) -> bool:
 
 
 def pipeline_recipe(cfg: dict, dataset: str) -> Recipe:
-    """The recipe the pipeline trains a miniature with: the dataset's recipe plus ``miniature.train``."""
-    return get_recipe(dataset).replace(**cfg.get(dataset, {}).get("recipe", {})).replace(**cfg["miniature"]["train"])
+    """The recipe the pipeline trains a miniature with: the paper's with the changes of
+    ``conmh.pipeline.config.recipe_changes`` (the dataset's ``recipe``, then ``miniature.train``)."""
+    from conmh.pipeline.config import recipe_changes
+
+    section = {"recipe": {}, **cfg.get(dataset, {}), "source": "miniature"}  # every run here is a miniature
+    return get_recipe(dataset).replace(**recipe_changes({**cfg, dataset: section}, dataset))
 
 
 def all_runs(cfg: dict, *, epochs: int | None, larger_epochs: int, tiny: bool) -> list[Run]:
@@ -151,11 +176,22 @@ def all_runs(cfg: dict, *, epochs: int | None, larger_epochs: int, tiny: bool) -
         spec = dataclasses.replace(MINIATURE_DEFAULTS[dataset], **mini.get("sizes", {}).get(dataset, {}))
         recipe = pipeline_recipe(cfg, dataset).replace(epochs=epochs)
         for bits in cfg["bits"]:
-            runs.append(Run(f"{dataset}-{bits}", dataset, dataset, int(bits), mini["preset"], spec, mini["seed"],
-                            recipe))
+            runs.append(
+                Run(f"{dataset}-{bits}", dataset, dataset, int(bits), mini["preset"], spec, mini["seed"], recipe)
+            )
     recipe = pipeline_recipe(cfg, "fcvid").replace(epochs=larger_epochs)
-    runs.append(Run(f"larger-fcvid-{LARGER_BITS}", "fcvid", "larger-fcvid", LARGER_BITS, LARGER_PRESET,
-                    LARGER_SPEC, mini["seed"], recipe))
+    runs.append(
+        Run(
+            f"larger-fcvid-{LARGER_BITS}",
+            "fcvid",
+            "larger-fcvid",
+            LARGER_BITS,
+            LARGER_PRESET,
+            LARGER_SPEC,
+            mini["seed"],
+            recipe,
+        )
+    )
     return runs
 
 
@@ -176,8 +212,10 @@ def check_plan(out: Path, runs: list[Run], threads: int) -> dict:
     for run in runs:
         plan = run.plan(threads)
         if recorded.setdefault(run.name, plan) != plan:
-            raise PlanError(f"{path}: run {run.name} was made with {recorded[run.name]}, "
-                            f"this command asks for {plan}; choose another --out")
+            raise PlanError(
+                f"{path}: run {run.name} was made with {recorded[run.name]}, "
+                f"this command asks for {plan}; choose another --out"
+            )
     write_text_atomic(path, json.dumps(recorded, indent=2, sort_keys=True) + "\n")
     return recorded
 
@@ -197,11 +235,12 @@ def ensure_data(run: Run, data_dir: Path) -> None:
     write_text_atomic(marker, json.dumps(want, sort_keys=True) + "\n")
 
 
-def train_and_evaluate(run: Run, seed: int, precision: str, data_dir: Path, train_dir: Path,
-                       ks: tuple[int, ...]) -> list[dict]:
+def train_and_evaluate(
+    run: Run, seed: int, precision: str, data_dir: Path, train_dir: Path, ks: tuple[int, ...]
+) -> list[dict]:
     """Train one (run, seed, precision), encode, evaluate; the CSV rows."""
-    from conmh.data import open_split
     from conmh.encode import encode_dataset
+    from conmh.features import open_split
     from conmh.metrics import evaluate
     from conmh.model import ModelConfig
     from conmh.train import CHECKPOINT, train
@@ -210,16 +249,33 @@ def train_and_evaluate(run: Run, seed: int, precision: str, data_dir: Path, trai
     cpu = time.process_time()
     with open_split(run.dataset, data_dir, "train") as feats:
         cfg = ModelConfig.from_preset(run.preset, feature_dim=feats.dim, frames=feats.frames, nbits=run.bits)
-        result = train(feats, cfg, recipe, train_dir, device="cpu", resume=True, progress=False,
-                       precision=precision, meta={"dataset": run.dataset, "preset": run.preset})
+        result = train(
+            feats,
+            cfg,
+            recipe,
+            train_dir,
+            device="cpu",
+            resume=True,
+            progress=False,
+            precision=precision,
+            meta={"dataset": run.dataset, "preset": run.preset},
+        )
     cpu = time.process_time() - cpu
     codes = encode_dataset(result.final_model, run.dataset, data_dir, device="cpu")
     maps = evaluate(codes, ks)["map"]
     (train_dir / CHECKPOINT).unlink(missing_ok=True)  # optimiser state: only needed to resume
-    common = {"run": run.name, "dataset": run.dataset, "bits": run.bits, "seed": seed, "precision": precision,
-              "train_s": round(sum(e["seconds"] for e in result.log), 3), "train_cpu_s": round(cpu, 3),
-              "epochs": result.epochs_done, "load_avg": round(os.getloadavg()[0], 2),
-              "final_loss": result.log[-1]["loss"]}
+    common = {
+        "run": run.name,
+        "dataset": run.dataset,
+        "bits": run.bits,
+        "seed": seed,
+        "precision": precision,
+        "train_s": round(sum(e["seconds"] for e in result.log), 3),
+        "train_cpu_s": round(cpu, 3),
+        "epochs": result.epochs_done,
+        "load_avg": round(os.getloadavg()[0], 2),
+        "final_loss": result.log[-1]["loss"],
+    }
     return [{**common, "k": k, "map": maps[str(k)]} for k in ks]
 
 
@@ -273,19 +329,36 @@ def summarise(rows: list[dict], ks: tuple[int, ...] = TABLE_KS) -> dict:
         for k in ks:
             maps = {p: [r["map"] for r in mine if r["k"] == k and r["precision"] == p] for p in PRECISIONS}
             if maps["fp32"] or maps["bf16"]:
-                cells.append({"run": run, "k": k, "seeds": {p: len(v) for p, v in maps.items()},
-                              **{f"mean_{p}": _mean(v) for p, v in maps.items()},
-                              **{f"std_{p}": _std(v) for p, v in maps.items()},
-                              "diff": _mean(maps["bf16"]) - _mean(maps["fp32"])})
+                cells.append(
+                    {
+                        "run": run,
+                        "k": k,
+                        "seeds": {p: len(v) for p, v in maps.items()},
+                        **{f"mean_{p}": _mean(v) for p, v in maps.items()},
+                        **{f"std_{p}": _std(v) for p, v in maps.items()},
+                        "diff": _mean(maps["bf16"]) - _mean(maps["fp32"]),
+                    }
+                )
         once = [r for r in mine if r["k"] == mine[0]["k"]]  # one row per (seed, precision)
-        times.append({"run": run, "epochs": mine[0]["epochs"],
-                      **{f"{col}_{p}": _mean([r[col] for r in once if r["precision"] == p])
-                         for col in ("train_s", "train_cpu_s") for p in PRECISIONS}})
+        times.append(
+            {
+                "run": run,
+                "epochs": mine[0]["epochs"],
+                **{
+                    f"{col}_{p}": _mean([r[col] for r in once if r["precision"] == p])
+                    for col in ("train_s", "train_cpu_s")
+                    for p in PRECISIONS
+                },
+            }
+        )
     diffs = [abs(c["diff"]) for c in cells if c["diff"] == c["diff"]]
     spreads = {p: [c[f"std_{p}"] for c in cells if c[f"std_{p}"] == c[f"std_{p}"]] for p in PRECISIONS}
-    overall = {"cells": len(diffs), "mean_abs_diff": _mean(diffs),
-               **{f"mean_std_{p}": _mean(v) for p, v in spreads.items()},
-               "mean_std": _mean(spreads["fp32"] + spreads["bf16"])}
+    overall = {
+        "cells": len(diffs),
+        "mean_abs_diff": _mean(diffs),
+        **{f"mean_std_{p}": _mean(v) for p, v in spreads.items()},
+        "mean_std": _mean(spreads["fp32"] + spreads["bf16"]),
+    }
     loads = [r["load_avg"] for r in rows]
     overall["load_avg"] = (min(loads), max(loads)) if loads else (float("nan"), float("nan"))
     return {"cells": cells, "times": times, "overall": overall}
@@ -300,16 +373,20 @@ def cpu_name() -> str:
     fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in info.splitlines() if ":" in line)}
     flags = set(fields.get("flags", "").split())
     bf16 = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
-    return (f"{fields.get('model name', platform.machine())}, {os.cpu_count()} logical CPUs, "
-            f"bf16 instructions: {', '.join(bf16) or 'none'}")
+    return (
+        f"{fields.get('model name', platform.machine())}, {os.cpu_count()} logical CPUs, "
+        f"bf16 instructions: {', '.join(bf16) or 'none'}"
+    )
 
 
 def describe(name: str, plan: dict) -> str:
     spec, r = plan["spec"], plan["recipe"]
-    return (f"`{name}`: {spec['n_train']} training / {spec['n_database']} database videos, "
-            f"{spec['feature_dim']} dims, {spec['n_classes']} classes (data seed {plan['data_seed']}); preset "
-            f"`{plan['preset']}`, {plan['bits']} bits, {r['epochs']} epoch(s), batch {r['batch_size']}, "
-            f"lr {r['lr']:g}, mask ratio {r['mask_ratio']}, alpha {r['alpha']}; {plan['threads']} threads")
+    return (
+        f"`{name}`: {spec['n_train']} training / {spec['n_database']} database videos, "
+        f"{spec['feature_dim']} dims, {spec['n_classes']} classes (data seed {plan['data_seed']}); preset "
+        f"`{plan['preset']}`, {plan['bits']} bits, {r['epochs']} epoch(s), batch {r['batch_size']}, "
+        f"lr {r['lr']:g}, mask ratio {r['mask_ratio']}, alpha {r['alpha']}; {plan['threads']} threads"
+    )
 
 
 def markdown(summary: dict, plans: dict, threads: int) -> str:
@@ -338,8 +415,10 @@ def markdown(summary: dict, plans: dict, threads: int) -> str:
         n = c["seeds"]
         seeds = n["fp32"] if n["fp32"] == n["bf16"] else f"{n['fp32']}/{n['bf16']}"
         diff = "–" if c["diff"] != c["diff"] else f"{c['diff']:+.4f}"
-        lines.append(f"| {c['run']} | {c['k']} | {seeds} | {_fmt(c['mean_fp32'])} | {_fmt(c['mean_bf16'])} | "
-                     f"{diff} | {_fmt(c['std_fp32'])} | {_fmt(c['std_bf16'])} |")
+        lines.append(
+            f"| {c['run']} | {c['k']} | {seeds} | {_fmt(c['mean_fp32'])} | {_fmt(c['mean_bf16'])} | "
+            f"{diff} | {_fmt(c['std_fp32'])} | {_fmt(c['std_bf16'])} |"
+        )
     lines += [
         "",
         f"**Overall** ({o['cells']} run x K cells): mean |bf16 − fp32| = {_fmt(o['mean_abs_diff'])}; mean "
@@ -358,8 +437,10 @@ def markdown(summary: dict, plans: dict, threads: int) -> str:
     ]
     for t in summary["times"]:
         ratio = t["train_s_fp32"] / t["train_s_bf16"] if t["train_s_bf16"] > 0 else float("nan")
-        lines.append(f"| {t['run']} | {t['epochs']} | {_fmt(t['train_s_fp32'], 1)} | {_fmt(t['train_s_bf16'], 1)} | "
-                     f"{_fmt(ratio, 2)}x | {_fmt(t['train_cpu_s_fp32'], 1)} | {_fmt(t['train_cpu_s_bf16'], 1)} |")
+        lines.append(
+            f"| {t['run']} | {t['epochs']} | {_fmt(t['train_s_fp32'], 1)} | {_fmt(t['train_s_bf16'], 1)} | "
+            f"{_fmt(ratio, 2)}x | {_fmt(t['train_cpu_s_fp32'], 1)} | {_fmt(t['train_cpu_s_bf16'], 1)} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -378,10 +459,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "precision")
     p.add_argument("--config", type=Path, default=ROOT / "config.yaml")
     p.add_argument("--seeds", type=_int_list, default=None, help="training seeds (default 1,2,3; --tiny: 1)")
-    p.add_argument("--only", type=lambda s: [x.strip() for x in s.split(",") if x.strip()], default=None,
-                   help="comma-separated run names, e.g. fcvid-16,larger-fcvid-64")
-    p.add_argument("--larger", action=argparse.BooleanOptionalAction, default=True,
-                   help="include the larger generated set (default: yes)")
+    p.add_argument(
+        "--only",
+        type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
+        default=None,
+        help="comma-separated run names, e.g. fcvid-16,larger-fcvid-64",
+    )
+    p.add_argument(
+        "--larger",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="include the larger generated set (default: yes)",
+    )
     p.add_argument("--epochs", type=int, default=None, help="epochs of the miniature runs (default: the config's)")
     p.add_argument("--larger-epochs", type=int, default=LARGER_EPOCHS)
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
@@ -399,8 +488,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config)
         ks = tuple(int(k) for k in cfg["ks"])
-        runs = select_runs(all_runs(cfg, epochs=args.epochs, larger_epochs=args.larger_epochs, tiny=args.tiny),
-                           None if args.tiny else args.only, args.larger)
+        runs = select_runs(
+            all_runs(cfg, epochs=args.epochs, larger_epochs=args.larger_epochs, tiny=args.tiny),
+            None if args.tiny else args.only,
+            args.larger,
+        )
         csv_path = args.out / "precision.csv"
         rows = read_rows(csv_path)
         plans = check_plan(args.out, runs, args.threads)
@@ -424,13 +516,13 @@ def main(argv: list[str] | None = None) -> int:
                 if (run.name, seed, precision) in done:
                     print(f"{run.name} seed {seed} {precision}: already in {csv_path}, skipped", flush=True)
                     continue
-                new = train_and_evaluate(run, seed, precision, data_dir,
-                                         args.out / "train" / run.name / f"seed{seed}-{precision}", ks)
+                new = train_and_evaluate(
+                    run, seed, precision, data_dir, args.out / "train" / run.name / f"seed{seed}-{precision}", ks
+                )
                 rows += new
                 write_rows(csv_path, rows)
                 shown = ", ".join(f"mAP@{r['k']} {r['map']:.4f}" for r in new if r["k"] in TABLE_KS)
-                print(f"{run.name} seed {seed} {precision}: {shown}; training {new[0]['train_s']:.1f} s",
-                      flush=True)
+                print(f"{run.name} seed {seed} {precision}: {shown}; training {new[0]['train_s']:.1f} s", flush=True)
     write_text_atomic(args.out / "precision.md", markdown(summarise(rows), plans, args.threads))
     print(f"wrote {csv_path} and {args.out / 'precision.md'}")
     return 0

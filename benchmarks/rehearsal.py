@@ -15,10 +15,12 @@
    ``train`` (the paper's recipe and batch size, ``small`` preset, float32 on
    the CPU, ``--epochs`` epochs; FCVID's 19 GB training array is streamed),
    ``encode`` (every database and query video), ``evaluate`` (mAP@K, the full
-   protocol), ``lsh`` and its ``evaluate``, and the ``report``. Each command is
-   the one the Snakefile and dvc.yaml run, built by
-   ``workflow/scripts/steps.py`` from a generated configuration
-   (``OUT/config.yaml``), run from the repository root.
+   protocol), ``lsh`` and its ``evaluate``, and the ``report``. Each job is
+   the step the Snakefile and dvc.yaml run, ``conmh pipeline STEP --dataset D
+   --bits 64 [--threads N] --config FILE`` (``conmh.pipeline``), run from the
+   repository root. FILE is the checked copy of a generated configuration
+   (``OUT/config.yaml``) at ``{paths.logs}/config.yaml``, where a Snakemake
+   run of that configuration writes it for its own jobs.
 3. Prints per step the wall time, CPU time, peak RSS and the size of the
    step's outputs on disk as a Markdown table (MB = 2**20 bytes), and writes
    it to ``OUT/rehearsal.md``, ``.csv`` and ``.json`` with the machine (CPU
@@ -32,15 +34,17 @@ is sampled (every 0.5 s for 15 s, then every 30 s) and summed over the job's
 process tree. Here each job is one child process, timed with a monotonic
 clock, and its peak RSS is the kernel's high-water mark from ``os.wait4``
 (``ru_maxrss``: the largest process of the job, e.g. ``conmh train`` under
-``job.py``; its own memory, not the page cache). ``snakemake -n -p --forceall
---configfile OUT/config.yaml`` lists the same jobs and commands
-(tests/test_rehearsal.py checks that).
+the ``conmh pipeline train`` step; its own memory, not the page cache).
+``snakemake -n -p --forceall --configfile OUT/config.yaml`` lists the same
+jobs with the same commands, each with ``--log`` where this script sends the
+job's output to the log itself (tests/e2e/test_rehearsal.py checks that).
 
 ``--scale tiny`` runs the same command on 1% of the counts with 64-dim
 features, the ``mini`` preset and batch 32 (the test suite runs it). Below
-full scale ``verify`` runs without ``--real``, which checks exactly the
-release's counts and dims. A FRACTION such as 0.05 keeps the real dims, preset
-and batch sizes, for estimating the full run.
+full scale the ``verify`` job is the step's own ``conmh verify`` command
+without ``--real``, which checks exactly the release's counts and dims. A
+FRACTION such as 0.05 keeps the real dims, preset and batch sizes, for
+estimating the full run.
 
 Not part of the test suite at full size: it needs 42 GB of disk and, on 2
 quiet cores, about half an hour. ``OUT`` defaults to the git-ignored
@@ -60,22 +64,27 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "workflow" / "scripts"))
-import steps  # noqa: E402  (the pipeline's own command builder)
+from conmh.atomic import write_text_atomic
+from conmh.datasets import get_layout
+from conmh.device import IN_MEMORY_LIMIT_BYTES
+from conmh.pipeline import steps
+from conmh.pipeline.config import METHODS, check_config, load_config, recipe_changes
+from conmh.pipeline.paths import Layout
+from conmh.recipes import Recipe, get_recipe
+from conmh.synthetic import RELEASE_CLASSES, release_spec
 
-from conmh.atomic import write_text_atomic  # noqa: E402
-from conmh.data import get_layout  # noqa: E402
-from conmh.synthetic import RELEASE_CLASSES, release_spec  # noqa: E402
-from conmh.train import IN_MEMORY_LIMIT_BYTES  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 BITS = 64
 DATASETS = ("fcvid", "activitynet")
+# `conmh pipeline ARGS` (conmh.pipeline.cli) with this Python.
+PIPELINE = [sys.executable, "-m", "conmh", "pipeline"]
 MARKER = ".rehearsal"
 # The issue's targets: FCVID training within 4 GB, everything within an hour (2 cores, 24 GB).
 RSS_LIMIT_MB = 4096
@@ -161,8 +170,14 @@ def machine() -> dict:
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     import torch
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem, 1), "python": platform.python_version(),
-            "torch": torch.__version__, "platform": platform.platform()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
 
 
 def prepare_out(out: Path) -> None:
@@ -177,54 +192,138 @@ def prepare_out(out: Path) -> None:
 
 def pipeline_config(out: Path, datasets: list[str], kind: str, epochs: int, threads: int) -> dict:
     """The pipeline's config.yaml with the datasets switched to the generated 'real' folders."""
-    cfg = steps.load_config(ROOT / "config.yaml")
+    cfg = load_config(ROOT / "config.yaml")
     run = out / "run"
-    cfg.update(datasets=datasets, bits=[BITS], device="cpu", preset=TINY["preset"] if kind == "tiny" else "small",
-               threads={"train": threads, "encode": threads}, resume=True, verify_checksums=True, checkpoints={},
-               # FCVID's streamed training at batch 512 within 4 GB of RSS (README: memory)
-               activation_checkpointing=True,
-               paths={k: str(run / k) for k in ("data", "work", "results", "logs")})
+    cfg.update(
+        datasets=datasets,
+        bits=[BITS],
+        device="cpu",
+        preset=TINY["preset"] if kind == "tiny" else "small",
+        threads={"train": threads, "encode": threads},
+        resume=True,
+        verify_checksums=True,
+        checkpoints={},
+        # FCVID's streamed training at batch 512 within 4 GB of RSS (README: memory)
+        activation_checkpointing=True,
+        paths={k: str(run / k) for k in ("data", "work", "results", "logs")},
+    )
     for d in datasets:
-        recipe = dict(cfg[d]["recipe"], epochs=epochs)
+        recipe = dict(cfg[d]["recipe"], epochs=epochs)  # changes to the paper's recipe
         if kind == "tiny":
             recipe["batch_size"] = TINY["batch_size"]
         cfg[d] = dict(cfg[d], source="real", data_dir=str(out / "data" / d), mirrors={}, sha256={}, recipe=recipe)
-    return steps.check_config(cfg, "the rehearsal's configuration")
+    return check_config(cfg, "the rehearsal's configuration")
+
+
+def effective_recipe(cfg: dict, dataset: str) -> Recipe:
+    """The recipe a run trains with: the paper's (conmh.recipes) with the configured changes."""
+    return get_recipe(dataset).replace(**recipe_changes(cfg, dataset))
+
+
+def step_command(
+    step: str,
+    config: Path,
+    dataset: str | None = None,
+    bits: int | None = None,
+    method: str | None = None,
+    threads: int | None = None,
+) -> list[str]:
+    """``conmh pipeline STEP ...``, its options in the order of the Snakefile's rules."""
+    argv = PIPELINE + [step]
+    if method is not None:
+        argv += ["--method", method]
+    if dataset is not None:
+        argv += ["--dataset", dataset]
+    if bits is not None:
+        argv += ["--bits", str(bits)]
+    if threads is not None:
+        argv += ["--threads", str(threads)]
+    return argv + ["--config", str(config)]
+
+
+def step_conmh_argv(step: Callable[..., int], *args: object) -> list[str]:
+    """The ``conmh`` command a pipeline step runs (``steps.STEP(cfg, ...)``), recorded instead of run."""
+    seen: list[list[str]] = []
+    real = steps.conmh
+    steps.conmh = lambda argv: seen.append(argv) or 0
+    try:
+        step(*args)
+    finally:
+        steps.conmh = real
+    [argv] = seen
+    return argv
 
 
 # --------------------------------------------------------------------------- jobs
 
 
-def jobs(cfg: dict, out: Path, kind: str, scale: float, seed: int, threads: int) -> list[Step]:
-    """Every job, in an order that respects the pipeline's dependencies."""
-    lay = steps.Layout.of(cfg)
+def jobs(cfg: dict, config: Path, out: Path, kind: str, scale: float, seed: int, threads: int) -> list[Step]:
+    """Every job, in an order that respects the pipeline's dependencies; the pipeline's steps read ``config``."""
+    lay = Layout.of(cfg)
     dim = str(TINY["feature_dim"]) if kind == "tiny" else ""
     todo = []
     for d in cfg["datasets"]:
         data = out / "data" / d
-        todo.append(Step("generate", d, [sys.executable, "-c", GENERATE, d, str(data), str(seed), str(scale), dim],
-                         [str(data)], str(out / "data" / f"{d}.log")))
-        verify = steps.command(cfg, "verify", d)
-        if kind != "full":  # --real checks exactly the release's counts and dims
-            verify = [a for a in verify if a != "--real"]
+        todo.append(
+            Step(
+                "generate",
+                d,
+                [sys.executable, "-c", GENERATE, d, str(data), str(seed), str(scale), dim],
+                [str(data)],
+                str(out / "data" / f"{d}.log"),
+            )
+        )
+        verify = step_command("verify", config, d)
+        if kind != "full":  # --real checks exactly the release's counts and dims: the step's command without it
+            verify = ["conmh"] + [a for a in step_conmh_argv(steps.verify, cfg, d) if a != "--real"]
         todo += [
-            Step("download", d, steps.command(cfg, "download", d), [lay.manifest(d)], lay.log("download", d)),
-            Step("verify", d, verify, [lay.verify_report(d)], lay.log("verify", d),
-                 note="" if "--real" in verify else "without --real (not the release's counts)"),
-            Step("train", d, steps.command(cfg, "train", d, BITS) + ["--threads", str(threads)],
-                 [lay.train_dir(d, BITS), lay.train_log(d, BITS)], lay.log("train", f"{d}-{BITS}bits")),
-            Step("encode", d, steps.command(cfg, "encode", d, BITS) + ["--threads", str(threads)],
-                 [lay.codes("conmh", d, BITS)], lay.log("encode", f"{d}-{BITS}bits")),
-            Step("evaluate conmh", d, steps.evaluate_command(cfg, "conmh", d, BITS),
-                 [lay.metrics("conmh", d, BITS)], lay.log("evaluate", f"conmh-{d}-{BITS}bits")),
-            Step("lsh", d, steps.command(cfg, "lsh", d, BITS), [lay.codes("lsh", d, BITS)],
-                 lay.log("lsh", f"{d}-{BITS}bits")),
-            Step("evaluate lsh", d, steps.evaluate_command(cfg, "lsh", d, BITS),
-                 [lay.metrics("lsh", d, BITS)], lay.log("evaluate", f"lsh-{d}-{BITS}bits")),
+            Step("download", d, step_command("download", config, d), [lay.manifest(d)], lay.log("download", d)),
+            Step(
+                "verify",
+                d,
+                verify,
+                [lay.verify_report(d)],
+                lay.log("verify", d),
+                note="" if kind == "full" else "without --real (not the release's counts)",
+            ),
+            Step(
+                "train",
+                d,
+                step_command("train", config, d, BITS, threads=threads),
+                [lay.train_dir(d, BITS), lay.train_log(d, BITS)],
+                lay.log("train", f"{d}-{BITS}bits"),
+            ),
+            Step(
+                "encode",
+                d,
+                step_command("encode", config, d, BITS, threads=threads),
+                [lay.codes("conmh", d, BITS)],
+                lay.log("encode", f"{d}-{BITS}bits"),
+            ),
+            Step(
+                "evaluate conmh",
+                d,
+                step_command("evaluate", config, d, BITS, method="conmh"),
+                [lay.metrics("conmh", d, BITS)],
+                lay.log("evaluate", f"conmh-{d}-{BITS}bits"),
+            ),
+            Step(
+                "lsh",
+                d,
+                step_command("lsh", config, d, BITS),
+                [lay.codes("lsh", d, BITS)],
+                lay.log("lsh", f"{d}-{BITS}bits"),
+            ),
+            Step(
+                "evaluate lsh",
+                d,
+                step_command("evaluate", config, d, BITS, method="lsh"),
+                [lay.metrics("lsh", d, BITS)],
+                lay.log("evaluate", f"lsh-{d}-{BITS}bits"),
+            ),
         ]
-    report = list(lay.report_files().values()) + [lay.summary(m, d, BITS) for d in cfg["datasets"]
-                                                  for m in steps.METHODS]
-    todo.append(Step("report", "all", steps.report_command(cfg), report, lay.log("report", "report")))
+    report = list(lay.report_files().values()) + [lay.summary(m, d, BITS) for d in cfg["datasets"] for m in METHODS]
+    todo.append(Step("report", "all", step_command("report", config), report, lay.log("report", "report")))
     return todo
 
 
@@ -284,8 +383,10 @@ COLUMNS = ("step", "dataset", "wall s", "CPU s", "peak RSS MB", "disk MB", "note
 
 
 def rows(done: list[Step]) -> list[list[str]]:
-    return [[s.step, s.dataset, f"{s.wall_s:.1f}", f"{s.cpu_s:.1f}", f"{s.peak_rss_mb:,.0f}", mb(s.disk_mb), s.note]
-            for s in done]
+    return [
+        [s.step, s.dataset, f"{s.wall_s:.1f}", f"{s.cpu_s:.1f}", f"{s.peak_rss_mb:,.0f}", mb(s.disk_mb), s.note]
+        for s in done
+    ]
 
 
 def mb(value: float) -> str:
@@ -305,14 +406,14 @@ def checks(done: list[Step], cfg: dict, specs: dict) -> dict:
     for s in done:
         if s.step != "train":
             continue
-        spec, recipe = specs[s.dataset], cfg[s.dataset]["recipe"]
+        spec, recipe = specs[s.dataset], effective_recipe(cfg, s.dataset)
         nbytes = spec["n_train"] * get_layout(s.dataset).frames * spec["feature_dim"] * 4
         out[f"{s.dataset}_train"] = {
             "array_gb": round(nbytes / 1e9, 2),
             "data_mode": "stream" if nbytes > IN_MEMORY_LIMIT_BYTES else "memory",
-            "batch_size": recipe["batch_size"],
-            "epochs": recipe["epochs"],
-            "steps": -(-spec["n_train"] // recipe["batch_size"]) * recipe["epochs"],  # the last batch may be partial
+            "batch_size": recipe.batch_size,
+            "epochs": recipe.epochs,
+            "steps": -(-spec["n_train"] // recipe.batch_size) * recipe.epochs,  # the last batch may be partial
             "peak_rss_mb": round(s.peak_rss_mb),
             "within_4gb": s.peak_rss_mb <= RSS_LIMIT_MB,
         }
@@ -321,15 +422,19 @@ def checks(done: list[Step], cfg: dict, specs: dict) -> dict:
 
 def summary_lines(result: dict) -> list[str]:
     m, c = result["machine"], result["checks"]
-    lines = [f"machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; torch {m['torch']}",
-             f"scale: {result['scale']} ({result['kind']}); data {result['data_gb']:.1f} GB; "
-             f"total {c['total_wall_s'] / 60:.1f} min ({'within' if c['within_an_hour'] else 'OVER'} an hour)"]
+    lines = [
+        f"machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; torch {m['torch']}",
+        f"scale: {result['scale']} ({result['kind']}); data {result['data_gb']:.1f} GB; "
+        f"total {c['total_wall_s'] / 60:.1f} min ({'within' if c['within_an_hour'] else 'OVER'} an hour)",
+    ]
     for d in result["datasets"]:
         t = c.get(f"{d}_train")
         if t:
-            lines.append(f"{d} training: {t['steps']} steps at batch {t['batch_size']}, {t['array_gb']} GB array -> "
-                         f"data mode {t['data_mode']} (auto), peak RSS {t['peak_rss_mb']} MB"
-                         + (f" ({'within' if t['within_4gb'] else 'OVER'} 4 GB)" if d == "fcvid" else ""))
+            lines.append(
+                f"{d} training: {t['steps']} steps at batch {t['batch_size']}, {t['array_gb']} GB array -> "
+                f"data mode {t['data_mode']} (auto), peak RSS {t['peak_rss_mb']} MB"
+                + (f" ({'within' if t['within_4gb'] else 'OVER'} 4 GB)" if d == "fcvid" else "")
+            )
         for method, maps in result["map"].get(d, {}).items():
             lines.append(f"{d} {method} {BITS} bits mAP@K: " + ", ".join(f"@{k} {v:.3f}" for k, v in maps.items()))
     return lines
@@ -350,16 +455,27 @@ def write_outputs(out: Path, result: dict, done: list[Step]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "rehearsal",
-                        help="folder for the data, the run and the tables (default: benchmarks/out/rehearsal)")
-    parser.add_argument("--scale", type=parse_scale, default=("full", 1.0),
-                        help="full (the release's sizes, default), tiny (the test's smoke run) or a fraction of "
-                             "the counts with the real dims, e.g. 0.05")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "benchmarks" / "out" / "rehearsal",
+        help="folder for the data, the run and the tables (default: benchmarks/out/rehearsal)",
+    )
+    parser.add_argument(
+        "--scale",
+        type=parse_scale,
+        default=("full", 1.0),
+        help="full (the release's sizes, default), tiny (the test's smoke run) or a fraction of "
+        "the counts with the real dims, e.g. 0.05",
+    )
     parser.add_argument("--epochs", type=int, default=1, help="training epochs per dataset (default: 1)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of train and encode (default: 2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated data (default: 0)")
-    parser.add_argument("--datasets", default=",".join(DATASETS),
-                        help=f"comma-separated, among {', '.join(RELEASE_CLASSES)} (default: both)")
+    parser.add_argument(
+        "--datasets",
+        default=",".join(DATASETS),
+        help=f"comma-separated, among {', '.join(RELEASE_CLASSES)} (default: both)",
+    )
     parser.add_argument("--delete-data", action="store_true", help="delete the generated feature files at the end")
     args = parser.parse_args(argv)
     kind, scale = args.scale
@@ -373,13 +489,18 @@ def main(argv: list[str] | None = None) -> int:
     prepare_out(out)
     cfg = pipeline_config(out, datasets, kind, args.epochs, args.threads)
     write_text_atomic(out / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+    # The jobs read the checked copy where a Snakemake run of this configuration writes it for its jobs.
+    config = Path(Layout.of(cfg).effective_config())
+    write_text_atomic(config, yaml.safe_dump(cfg, sort_keys=True))
     dim = TINY["feature_dim"] if kind == "tiny" else None
     specs = {d: asdict(release_spec(d, scale, dim)) for d in datasets}
     info = machine()
-    print(f"rehearsal: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB; scale {kind} ({scale}); "
-          f"out {out}", flush=True)
+    print(
+        f"rehearsal: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB; scale {kind} ({scale}); out {out}",
+        flush=True,
+    )
 
-    todo = jobs(cfg, out, kind, scale, args.seed, args.threads)
+    todo = jobs(cfg, config, out, kind, scale, args.seed, args.threads)
     done: list[Step] = []
     failed = None
     for i, step in enumerate(todo, 1):
@@ -389,25 +510,41 @@ def main(argv: list[str] | None = None) -> int:
         else:
             measure(step)
         done.append(step)
-        print(f"[{i:2d}/{len(todo)}] {step.step:<14} {step.dataset:<11} {step.wall_s:8.1f} s  "
-              f"{step.peak_rss_mb:7.0f} MB RSS  {step.disk_mb:9.1f} MB on disk  load {step.load_avg:.1f}  "
-              f"{step.note}", flush=True)
+        print(
+            f"[{i:2d}/{len(todo)}] {step.step:<14} {step.dataset:<11} {step.wall_s:8.1f} s  "
+            f"{step.peak_rss_mb:7.0f} MB RSS  {step.disk_mb:9.1f} MB on disk  load {step.load_avg:.1f}  "
+            f"{step.note}",
+            flush=True,
+        )
         if step.exit_code != 0:
             failed = step
             break
 
     maps = {}
     for d in datasets:
-        for method in steps.METHODS:
-            path = Path(steps.Layout.of(cfg).metrics(method, d, BITS))
+        for method in METHODS:
+            path = Path(Layout.of(cfg).metrics(method, d, BITS))
             if path.is_file():
                 maps.setdefault(d, {})[method] = json.loads(path.read_text(encoding="utf-8"))["map"]
     data_gb = sum(s.disk_mb for s in done if s.step == "generate") * 2**20 / 1e9
-    result = {"machine": info, "kind": kind, "scale": scale, "seed": args.seed, "datasets": datasets, "bits": BITS,
-              "epochs": args.epochs, "threads": args.threads, "config": str(out / "config.yaml"),
-              "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "data_gb": data_gb, "specs": specs,
-              "checks": checks(done, cfg, specs), "map": maps, "failed": failed.step if failed else None,
-              "steps": [{**asdict(s), "command": shlex.join(s.argv)} for s in done]}
+    result = {
+        "machine": info,
+        "kind": kind,
+        "scale": scale,
+        "seed": args.seed,
+        "datasets": datasets,
+        "bits": BITS,
+        "epochs": args.epochs,
+        "threads": args.threads,
+        "config": str(out / "config.yaml"),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "data_gb": data_gb,
+        "specs": specs,
+        "checks": checks(done, cfg, specs),
+        "map": maps,
+        "failed": failed.step if failed else None,
+        "steps": [{**asdict(s), "command": shlex.join(s.argv)} for s in done],
+    }
     write_outputs(out, result, done)
     print("\n" + "\n".join(summary_lines(result)) + "\n\n" + markdown(done), flush=True)
     print(f"\nwritten: {out / 'rehearsal.md'}, .csv, .json; logs under {out / 'run' / 'logs'}")
@@ -417,8 +554,10 @@ def main(argv: list[str] | None = None) -> int:
             (out / "data" / f"{d}.json").unlink(missing_ok=True)
     if failed:
         log = Path(failed.log).read_text(errors="replace")[-3000:] if Path(failed.log).exists() else ""
-        print(f"\nerror: {failed.step} {failed.dataset} exited with {failed.exit_code}; {failed.log}:\n{log}",
-              file=sys.stderr)
+        print(
+            f"\nerror: {failed.step} {failed.dataset} exited with {failed.exit_code}; {failed.log}:\n{log}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 
 @contextlib.contextmanager
@@ -23,13 +23,22 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         yield tmp
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        commit(tmp, target)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def commit(tmp: str | os.PathLike, target: str | os.PathLike) -> None:
+    """fsync ``tmp``, rename it to ``target``, fsync the folder: the last step of every atomic write.
+
+    Used directly only where the temporary file must outlive a failure (a
+    resumable download's ``.part``).
+    """
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, target)
+    _fsync_dir(Path(target).parent)
 
 
 def write_text_atomic(target: str | os.PathLike, text: str) -> None:
@@ -46,3 +55,16 @@ def _fsync_dir(directory: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def write_text_if_changed(target: str | os.PathLike, text: str) -> bool:
+    """Write ``text`` atomically unless ``target`` already holds it; True when written.
+
+    An unchanged file keeps its mtime, so that Snakemake does not rerun what depends on it.
+    """
+    target = Path(target)
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        if target.read_text(encoding="utf-8") == text:
+            return False
+    write_text_atomic(target, text)
+    return True

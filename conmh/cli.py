@@ -14,9 +14,16 @@ import time
 from pathlib import Path
 
 from . import __version__
+from .datasets import DATASETS
 from .errors import ConMHError
+from .metrics import KS
+from .presets import PAPER_PRESET, PRESETS
+from .recipes import RECIPES
 
-EPILOG = "exit codes: 0 ok, 1 unexpected error, 2 bad usage, 3 bad input (data, checkpoint, codes, config), 4 missing dataset file"
+EPILOG = (
+    "exit codes: 0 ok, 1 unexpected error, 2 bad usage, 3 bad input (data, checkpoint, codes, config), "
+    "4 missing dataset file"
+)
 
 
 def _positive_int(text: str) -> int:
@@ -36,85 +43,166 @@ def _ks(text: str) -> tuple[int, ...]:
     return ks
 
 
+def _num(value: float | int) -> str:
+    """A recipe value as the paper writes it: 1e-4 rather than 0.0001."""
+    if isinstance(value, float) and 0 < abs(value) < 1e-3:
+        return f"{value:.0e}".replace("e-0", "e-")
+    return str(value)
+
+
+def _paper(field: str) -> str:
+    """The paper's value of a recipe field (``conmh.recipes``), per dataset where they differ."""
+    values = {name: _num(getattr(RECIPES[name], field)) for name in DATASETS}
+    if len(set(values.values())) == 1:
+        return values[DATASETS[0]]
+    return ", ".join(f"{name} {value}" for name, value in values.items())
+
+
 def _add_dataset_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", required=True, choices=["fcvid", "activitynet", "yfcc"],
-                   help="which official layout the data folder follows (docs/reference.md §2)")
-    p.add_argument("--data-dir", required=True, type=Path,
-                   help="folder holding the dataset's feature (.h5) and label (.mat) files")
+    p.add_argument(
+        "--dataset",
+        required=True,
+        choices=DATASETS,
+        help="which official layout the data folder follows (docs/reference.md §2)",
+    )
+    p.add_argument(
+        "--data-dir", required=True, type=Path, help="folder holding the dataset's feature (.h5) and label (.mat) files"
+    )
 
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto",
-                   help="torch device: auto (CUDA when present, else CPU), cpu, cuda or cuda:N (default: auto)")
-    p.add_argument("--threads", type=_positive_int, default=None,
-                   help="CPU threads for torch (default: torch's choice)")
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="torch device: auto (CUDA when present, else CPU), cpu, cuda or cuda:N (default: auto)",
+    )
+    p.add_argument(
+        "--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's choice)"
+    )
     p.add_argument("--no-progress", action="store_true", help="do not draw progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="conmh", description="ConMH self-supervised video hashing (AAAI 2023): train, encode, evaluate.",
-        epilog=EPILOG)
+        prog="conmh",
+        description="ConMH self-supervised video hashing (AAAI 2023): train, encode, evaluate.",
+        epilog=EPILOG,
+    )
     parser.add_argument("--version", action="version", version=f"conmh {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("verify", help="check a dataset folder against its official layout", epilog=EPILOG,
-                       description="Check every file of a dataset: keys, shapes, dtypes, frame counts, dims, "
-                                   "label rows, finite values; record each file's sha256.")
-    p.add_argument("dataset", choices=["fcvid", "activitynet", "yfcc"], help="dataset layout to check")
+    sub.add_parser(
+        "pipeline", help="one step of the reproduction pipeline, as Snakemake and DVC run it (conmh pipeline --help)"
+    )
+    p = sub.add_parser(
+        "verify",
+        help="check a dataset folder against its official layout",
+        epilog=EPILOG,
+        description="Check every file of a dataset: keys, shapes, dtypes, frame counts, dims, "
+        "label rows, finite values; record each file's sha256.",
+    )
+    p.add_argument("dataset", choices=DATASETS, help="dataset layout to check")
     p.add_argument("data_dir", type=Path, help="folder holding the dataset's files")
-    p.add_argument("--real", action="store_true",
-                   help="also require the real release's video counts and feature dims (docs/reference.md §2)")
+    p.add_argument(
+        "--real",
+        action="store_true",
+        help="also require the real release's video counts and feature dims (docs/reference.md §2)",
+    )
     p.add_argument("--no-checksums", action="store_true", help="skip the sha256 of each file")
     p.add_argument("--report", type=Path, help="write the verification report (JSON) here")
 
-    p = sub.add_parser("train", help="train ConMH on a dataset's training split", epilog=EPILOG,
-                       description="Train ConMH with the paper's recipe for the dataset (docs/reference.md §4); any "
-                                   "recipe value can be overridden. Writes OUT/checkpoint.pt every epoch, "
-                                   "OUT/train_log.jsonl, and OUT/model.pt after the last epoch. Rerunning the same "
-                                   "command continues an interrupted run.")
+    p = sub.add_parser(
+        "train",
+        help="train ConMH on a dataset's training split",
+        epilog=EPILOG,
+        description="Train ConMH with the paper's recipe for the dataset (docs/reference.md §4); any "
+        "recipe value can be overridden. Writes OUT/checkpoint.pt every epoch, "
+        "OUT/train_log.jsonl, and OUT/model.pt after the last epoch. Rerunning the same "
+        "command continues an interrupted run.",
+    )
     _add_dataset_args(p)
     p.add_argument("--bits", required=True, type=_positive_int, help="code length (the paper: 16, 32, 64)")
     p.add_argument("--out-dir", required=True, type=Path, help="folder for checkpoint, log and final model")
-    p.add_argument("--preset", default="small", choices=["mini", "small", "base", "large"],
-                   help="encoder size; every paper number uses small (default: small)")
-    p.add_argument("--epochs", type=_positive_int, help="epochs to train; the final weights are kept (paper: 800/500/40)")
-    p.add_argument("--batch-size", type=_positive_int, help="videos per batch (paper: 512/128/128)")
-    p.add_argument("--lr", type=float, help="initial learning rate (paper: 1e-4; x0.9 every 20 epochs, floor 1e-5)")
-    p.add_argument("--mask-ratio", type=float, help="fraction of frames masked per view (paper: 0.75/0.5/0.75)")
-    p.add_argument("--alpha", type=float, help="weight of the contrastive loss (paper: 1.0/0.2/1.0)")
-    p.add_argument("--temperature", type=float, help="contrastive temperature t (paper: 0.5)")
-    p.add_argument("--tau-plus", type=float, help="class prior tau+ of the debiased loss (paper: 0.1/0.05/0.1)")
-    p.add_argument("--seed", type=int, help="random seed (paper: 1)")
-    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                   help="continue from OUT/checkpoint.pt when it exists, so rerunning the same command after a "
-                        "crash loses at most one epoch; --no-resume refuses to touch an existing run (default: resume)")
-    p.add_argument("--data-mode", default="auto", choices=["auto", "memory", "stream"],
-                   help="memory: hold the training array in RAM (or GPU memory on CUDA) in the compute dtype; "
-                        "stream: read each shuffled batch from HDF5 in a background thread, bounded memory; "
-                        "auto: memory when it fits (default: auto)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="compute precision: fp32 (as the official code; TF32 off on CUDA), or bf16 autocast "
-                        "(faster, other rounding, see the README); auto: fp32 on every device (default: auto)")
-    p.add_argument("--activation-checkpointing", action="store_true",
-                   help="recompute the encoder blocks in the backward pass instead of keeping their activations: "
-                        "about 1.3 GB less memory at FCVID's batch of 512 for ~20%% more compute, same weights")
-    p.add_argument("--default-allocator", action="store_true",
-                   help="keep glibc's malloc defaults; by default, when the training array is held in memory, "
-                        "freed memory stays in the process between steps, which saves page faults (faster on CPU) "
-                        "but keeps RSS at its peak (streamed runs always keep the defaults)")
+    p.add_argument(
+        "--preset",
+        default=PAPER_PRESET,
+        choices=tuple(PRESETS),
+        help=f"encoder size; every paper number uses {PAPER_PRESET} (default: {PAPER_PRESET})",
+    )
+    p.add_argument(
+        "--epochs", type=_positive_int, help=f"epochs to train; the final weights are kept (paper: {_paper('epochs')})"
+    )
+    p.add_argument("--batch-size", type=_positive_int, help=f"videos per batch (paper: {_paper('batch_size')})")
+    p.add_argument(
+        "--lr",
+        type=float,
+        help=f"initial learning rate (paper: {_paper('lr')}; x{_paper('lr_gamma')} every "
+        f"{_paper('lr_step')} epochs, floor {_paper('lr_min')})",
+    )
+    p.add_argument(
+        "--mask-ratio", type=float, help=f"fraction of frames masked per view (paper: {_paper('mask_ratio')})"
+    )
+    p.add_argument("--alpha", type=float, help=f"weight of the contrastive loss (paper: {_paper('alpha')})")
+    p.add_argument("--temperature", type=float, help=f"contrastive temperature t (paper: {_paper('temperature')})")
+    p.add_argument(
+        "--tau-plus", type=float, help=f"class prior tau+ of the debiased loss (paper: {_paper('tau_plus')})"
+    )
+    p.add_argument("--seed", type=int, help=f"random seed (paper: {_paper('seed')})")
+    p.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="continue from OUT/checkpoint.pt when it exists, so rerunning the same command after a "
+        "crash loses at most one epoch; --no-resume refuses to touch an existing run (default: resume)",
+    )
+    p.add_argument(
+        "--data-mode",
+        default="auto",
+        choices=["auto", "memory", "stream"],
+        help="memory: hold the training array in RAM (or GPU memory on CUDA) in the compute dtype; "
+        "stream: read each shuffled batch from HDF5 in a background thread, bounded memory; "
+        "auto: memory when it fits (default: auto)",
+    )
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16"],
+        help="compute precision: fp32 (as the official code; TF32 off on CUDA), or bf16 autocast "
+        "(faster, other rounding, see the README); auto: fp32 on every device (default: auto)",
+    )
+    p.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="recompute the encoder blocks in the backward pass instead of keeping their activations: "
+        "about 1.3 GB less memory at FCVID's batch of 512 for ~20%% more compute, same weights",
+    )
+    p.add_argument(
+        "--default-allocator",
+        action="store_true",
+        help="keep glibc's malloc defaults; by default, when the training array is held in memory, "
+        "freed memory stays in the process between steps, which saves page faults (faster on CPU) "
+        "but keeps RSS at its peak (streamed runs always keep the defaults)",
+    )
     _add_runtime_args(p)
 
-    p = sub.add_parser("encode", help="encode a dataset's database and queries to a codes file", epilog=EPILOG,
-                       description="Encode with all frames visible, frame mean, sign (an exact 0 gives +1). "
-                                   "Checkpoints from `conmh train` record their architecture; for the authors' "
-                                   "released checkpoints give --bits (and --preset if not small).")
+    p = sub.add_parser(
+        "encode",
+        help="encode a dataset's database and queries to a codes file",
+        epilog=EPILOG,
+        description="Encode with all frames visible, frame mean, sign (an exact 0 gives +1). "
+        "Checkpoints from `conmh train` record their architecture; for the authors' "
+        "released checkpoints give --bits (and --preset if not small).",
+    )
     p.add_argument("--checkpoint", required=True, type=Path, help="model.pt of `conmh train`, or an official .pth")
     _add_dataset_args(p)
     p.add_argument("--out", required=True, type=Path, help="codes file to write (HDF5)")
     p.add_argument("--bits", type=_positive_int, help="code length of an official checkpoint")
-    p.add_argument("--preset", default="small", choices=["mini", "small", "base", "large"],
-                   help="architecture of an official checkpoint (default: small)")
+    p.add_argument(
+        "--preset",
+        default=PAPER_PRESET,
+        choices=tuple(PRESETS),
+        help=f"architecture of an official checkpoint (default: {PAPER_PRESET})",
+    )
     p.add_argument("--batch-size", type=_positive_int, default=1024, help="videos per forward pass (default: 1024)")
     _add_runtime_args(p)
 
@@ -124,13 +212,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="codes file to write (HDF5)")
     p.add_argument("--seed", type=int, default=1, help="seed of the random hyperplanes (default: 1)")
 
-    p = sub.add_parser("evaluate", help="mAP@K of a codes file", epilog=EPILOG,
-                       description="Hamming ranking, mAP@K as docs/reference.md §5 defines it; equal distances are "
-                                   "ranked by ascending database index.")
+    p = sub.add_parser(
+        "evaluate",
+        help="mAP@K of a codes file",
+        epilog=EPILOG,
+        description="Hamming ranking, mAP@K as docs/reference.md §5 defines it; equal distances are "
+        "ranked by ascending database index.",
+    )
     p.add_argument("codes", type=Path, help="codes file written by `conmh encode` or `conmh lsh`")
     p.add_argument("--out", required=True, type=Path, help="metrics file to write (JSON)")
-    p.add_argument("--ks", type=_ks, default=(5, 10, 20, 40, 60, 80, 100),
-                   help="comma-separated cut-offs K (default: 5,10,20,40,60,80,100)")
+    p.add_argument("--ks", type=_ks, default=KS, help=f"comma-separated cut-offs K (default: {','.join(map(str, KS))})")
     return parser
 
 
@@ -143,13 +234,15 @@ def _set_threads(threads: int | None) -> None:
 
 def cmd_verify(args: argparse.Namespace) -> None:
     from .atomic import write_text_atomic
-    from .data import verify_dataset
+    from .verify import verify_dataset
 
     report = verify_dataset(args.dataset, args.data_dir, real=args.real, checksums=not args.no_checksums)
     if args.report:
         write_text_atomic(args.report, json.dumps(report, indent=2) + "\n")
-    print(f"{args.dataset}: {len(report['files'])} files OK in {args.data_dir} "
-          f"({report['frames']} frames x {report['feature_dim']} dims; counts {report['counts']})")
+    print(
+        f"{args.dataset}: {len(report['files'])} files OK in {args.data_dir} "
+        f"({report['frames']} frames x {report['feature_dim']} dims; counts {report['counts']})"
+    )
 
 
 def _init_distributed(device: str) -> bool:
@@ -179,31 +272,49 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from .data import open_split
+    from .features import open_split
     from .model import ModelConfig
     from .recipes import get_recipe
     from .train import train
 
     recipe = get_recipe(args.dataset).replace(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, mask_ratio=args.mask_ratio, alpha=args.alpha,
-        temperature=args.temperature, tau_plus=args.tau_plus, seed=args.seed)
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        mask_ratio=args.mask_ratio,
+        alpha=args.alpha,
+        temperature=args.temperature,
+        tau_plus=args.tau_plus,
+        seed=args.seed,
+    )
     with open_split(args.dataset, args.data_dir, "train") as feats:
         cfg = ModelConfig.from_preset(args.preset, feature_dim=feats.dim, frames=feats.frames, nbits=args.bits)
-        result = train(feats, cfg, recipe, args.out_dir, device=args.device, resume=args.resume,
-                       progress=not args.no_progress, data_mode=args.data_mode, precision=args.precision,
-                       activation_checkpointing=args.activation_checkpointing,
-                       keep_freed_memory=not args.default_allocator,
-                       meta={"dataset": args.dataset, "preset": args.preset})
+        result = train(
+            feats,
+            cfg,
+            recipe,
+            args.out_dir,
+            device=args.device,
+            resume=args.resume,
+            progress=not args.no_progress,
+            data_mode=args.data_mode,
+            precision=args.precision,
+            activation_checkpointing=args.activation_checkpointing,
+            keep_freed_memory=not args.default_allocator,
+            meta={"dataset": args.dataset, "preset": args.preset},
+        )
     last = result.log[-1] if result.log else {}
     if os.environ.get("RANK", "0") == "0":
-        print(f"trained {result.epochs_done} epochs -> {result.final_model} "
-              f"(final loss {last.get('loss', float('nan')):.4f})")
+        print(
+            f"trained {result.epochs_done} epochs -> {result.final_model} "
+            f"(final loss {last.get('loss', float('nan')):.4f})"
+        )
 
 
 def cmd_encode(args: argparse.Namespace) -> None:
     from .codes import write_codes
-    from .data import open_split
     from .encode import encode_dataset
+    from .features import open_split
     from .model import ModelConfig
 
     _set_threads(args.threads)
@@ -211,8 +322,15 @@ def cmd_encode(args: argparse.Namespace) -> None:
     if args.bits is not None:
         with open_split(args.dataset, args.data_dir, "database") as feats:
             cfg = ModelConfig.from_preset(args.preset, feature_dim=feats.dim, frames=feats.frames, nbits=args.bits)
-    codes = encode_dataset(args.checkpoint, args.dataset, args.data_dir, cfg=cfg, device=args.device,
-                           batch_size=args.batch_size, progress=not args.no_progress)
+    codes = encode_dataset(
+        args.checkpoint,
+        args.dataset,
+        args.data_dir,
+        cfg=cfg,
+        device=args.device,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
     write_codes(args.out, codes)
     print(f"{args.dataset}: {len(codes.database)} database codes of {codes.bits} bits -> {args.out}")
 
@@ -228,9 +346,9 @@ def cmd_lsh(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from .atomic import write_text_atomic
+    from .checksums import file_sha256
     from .codes import read_codes
     from .metrics import evaluate
-    from .checksums import file_sha256
 
     tic = time.perf_counter()
     codes = read_codes(args.codes)
@@ -245,6 +363,11 @@ COMMANDS = {"verify": cmd_verify, "train": cmd_train, "encode": cmd_encode, "lsh
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["pipeline"]:  # its own parser (conmh/pipeline/cli.py)
+        from .pipeline.cli import main as pipeline_main
+
+        return pipeline_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)

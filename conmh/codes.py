@@ -30,7 +30,14 @@ from .atomic import atomic_path
 from .errors import CodesError
 
 __all__ = [
-    "FORMAT_VERSION", "Codes", "pack_bits", "unpack_bits", "packed_width", "padding_mask", "write_codes", "read_codes",
+    "FORMAT_VERSION",
+    "Codes",
+    "pack_bits",
+    "unpack_bits",
+    "packed_width",
+    "padding_mask",
+    "write_codes",
+    "read_codes",
 ]
 
 FORMAT_VERSION = 1
@@ -167,8 +174,11 @@ def write_codes(path: str | os.PathLike, codes: Codes) -> None:
     """
     path = Path(path)
     codes = Codes(
-        bits=codes.bits, dataset=codes.dataset, method=codes.method,
-        database=np.asarray(codes.database), database_labels=_as_labels(codes.database_labels),
+        bits=codes.bits,
+        dataset=codes.dataset,
+        method=codes.method,
+        database=np.asarray(codes.database),
+        database_labels=_as_labels(codes.database_labels),
         queries=None if codes.queries is None else np.asarray(codes.queries),
         query_labels=None if codes.query_labels is None else _as_labels(codes.query_labels),
         attrs=dict(codes.attrs),
@@ -273,8 +283,13 @@ def read_codes(path: str | os.PathLike) -> Codes:
         # h5py reports a non-HDF5 or truncated file (and damaged objects) this way.
         raise CodesError(f"{where}: not a readable HDF5 codes file ({exc})") from None
     codes = Codes(
-        bits=bits, dataset=attrs["dataset"], method=attrs["method"],
-        database=database, database_labels=database_labels, queries=queries, query_labels=query_labels,
+        bits=bits,
+        dataset=attrs["dataset"],
+        method=attrs["method"],
+        database=database,
+        database_labels=database_labels,
+        queries=queries,
+        query_labels=query_labels,
         attrs={key: value for key, value in attrs.items() if key not in RESERVED_ATTRS},
     )
     _check_codes(codes, where)

@@ -10,8 +10,10 @@ from tqdm import tqdm
 
 from .checksums import file_sha256
 from .codes import Codes, pack_bits
-from .data import FeatureFiles, get_layout, load_labels, open_split
+from .datasets import get_layout
 from .errors import CheckpointError, ConfigError, DataError
+from .features import FeatureFiles, open_split
+from .labels import load_labels
 
 if TYPE_CHECKING:
     import torch
@@ -27,7 +29,11 @@ LSH_MEAN_SAMPLES = 10_000
 
 
 def encode_features(
-    model: ConMH, feats: FeatureFiles, device: torch.device, batch_size: int = 1024, progress: bool = False,
+    model: ConMH,
+    feats: FeatureFiles,
+    device: torch.device,
+    batch_size: int = 1024,
+    progress: bool = False,
     desc: str = "encode",
 ) -> np.ndarray:
     """Bits (N, nbits) of every video: all frames visible, frame mean, sign (0 -> +1)."""
@@ -69,26 +75,43 @@ def _with_labels(dataset: str, data_dir: Path, bits: int, method: str, encode, a
                 f"{data_dir / q_file}: key {q_key!r} has {query_labels.shape[1]} classes, but the database labels "
                 f"({data_dir / db_file}, key {db_key!r}) have {db_labels.shape[1]}; they must share one class list"
             )
-    return Codes(bits=bits, dataset=dataset, method=method, database=database, database_labels=db_labels,
-                 queries=queries, query_labels=query_labels, attrs=attrs)
+    return Codes(
+        bits=bits,
+        dataset=dataset,
+        method=method,
+        database=database,
+        database_labels=db_labels,
+        queries=queries,
+        query_labels=query_labels,
+        attrs=attrs,
+    )
 
 
 def encode_dataset(
-    checkpoint: str | Path, dataset: str, data_dir: str | Path, *, cfg: ModelConfig | None = None,
-    device: str = "auto", batch_size: int = 1024, progress: bool = False,
+    checkpoint: str | Path,
+    dataset: str,
+    data_dir: str | Path,
+    *,
+    cfg: ModelConfig | None = None,
+    device: str = "auto",
+    batch_size: int = 1024,
+    progress: bool = False,
 ) -> Codes:
     """Codes of a dataset's database and queries from a checkpoint (own or official).
 
     ``cfg`` is needed for official checkpoints, which do not record their
     architecture; files written by ``conmh train`` carry it.
     """
+    from .device import select_device
     from .model import load_checkpoint
-    from .train import select_device
 
     model = load_checkpoint(checkpoint, cfg=cfg)
     dev = select_device(device)
-    attrs = {"checkpoint_sha256": file_sha256(checkpoint), "checkpoint": str(Path(checkpoint).name),
-             "zero_mean_rule": "an exact 0 in the frame mean gives +1 (bit 1)"}
+    attrs = {
+        "checkpoint_sha256": file_sha256(checkpoint),
+        "checkpoint": str(Path(checkpoint).name),
+        "zero_mean_rule": "an exact 0 in the frame mean gives +1 (bit 1)",
+    }
 
     def encode(feats: FeatureFiles, split: str) -> np.ndarray:
         try:
@@ -119,14 +142,14 @@ def lsh_codes(dataset: str, data_dir: str | Path, bits: int, seed: int = 1, batc
         rows = np.unique(np.linspace(0, train.n - 1, min(train.n, LSH_MEAN_SAMPLES)).astype(np.int64))
         total = np.zeros(train.dim, dtype=np.float64)
         for start in range(0, len(rows), batch_size):
-            total += train.take(rows[start:start + batch_size]).sum(axis=(0, 1), dtype=np.float64)
+            total += train.take(rows[start : start + batch_size]).sum(axis=(0, 1), dtype=np.float64)
         centre = (total / (len(rows) * train.frames)).astype(np.float32)
         projection = lsh_projection(train.dim, bits, seed)
 
     def encode(feats: FeatureFiles, split: str) -> np.ndarray:
         out = np.empty((feats.n, bits), dtype=bool)
         for start, block in feats.iter_blocks(batch_size):
-            out[start:start + len(block)] = (block.mean(axis=1) - centre) @ projection >= 0
+            out[start : start + len(block)] = (block.mean(axis=1) - centre) @ projection >= 0
         return out
 
     return _with_labels(dataset, data_dir, bits, "lsh", encode, {"seed": seed})

@@ -38,3 +38,7 @@ class CodesError(ConMHError):
 
 class ConfigError(ConMHError):
     """A configuration value makes no sense."""
+
+
+class LaunchError(ConfigError):
+    """A pipeline job cannot start as configured (too few GPUs, no SLURM allocation for several nodes)."""

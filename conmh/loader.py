@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 
-from .data import FeatureFiles
+from .features import FeatureFiles
 
 
 def epoch_batches(n: int, seed: int, epoch: int, batch_size: int, world: int = 1) -> list[np.ndarray]:
@@ -35,7 +35,7 @@ def epoch_batches(n: int, seed: int, epoch: int, batch_size: int, world: int = 1
     order = np.random.default_rng([seed, epoch, 0x10AD]).permutation(n)
     batches = []
     for start in range(0, n, batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         idx = idx[: len(idx) - len(idx) % world]
         if len(idx):
             batches.append(np.sort(idx))
@@ -45,8 +45,13 @@ def epoch_batches(n: int, seed: int, epoch: int, batch_size: int, world: int = 1
 class ResidentBatches:
     """The whole array on ``device`` in ``dtype``; batches are gathered there."""
 
-    def __init__(self, feats: np.ndarray | FeatureFiles, device: torch.device, dtype: torch.dtype = torch.float32,
-                 block_rows: int = 1024) -> None:
+    def __init__(
+        self,
+        feats: np.ndarray | FeatureFiles,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+        block_rows: int = 1024,
+    ) -> None:
         if isinstance(feats, np.ndarray):
             self.n, self.frames, self.dim = feats.shape
         else:
@@ -79,8 +84,9 @@ class StreamingBatches:
         if prefetch < 1:
             raise ValueError("prefetch must be positive")
         self.feats = feats
-        self.n, self.frames, self.dim = feats.shape if isinstance(feats, np.ndarray) else (
-            feats.n, feats.frames, feats.dim)
+        self.n, self.frames, self.dim = (
+            feats.shape if isinstance(feats, np.ndarray) else (feats.n, feats.frames, feats.dim)
+        )
         self.prefetch = prefetch
 
     def _read(self, idx: np.ndarray) -> np.ndarray:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -70,8 +70,11 @@ def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tenso
 
 
 def masked_reconstruction_loss(
-    predict: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, batch: torch.Tensor,
-    masked_idx: torch.Tensor, chunk_rows: int = 128,
+    predict: Callable[[torch.Tensor], torch.Tensor],
+    hidden: torch.Tensor,
+    batch: torch.Tensor,
+    masked_idx: torch.Tensor,
+    chunk_rows: int = 128,
 ) -> torch.Tensor:
     """``reconstruction_loss`` of ``predict(hidden)`` against the masked frames of ``batch``, in chunks.
 
@@ -97,8 +100,13 @@ def masked_reconstruction_loss(
         return (pred - target).square().sum()
 
     total = sum(
-        checkpoint(squared_error, hidden[start:start + chunk_rows], masked_idx[start:start + chunk_rows], start,
-                   use_reentrant=False)
+        checkpoint(
+            squared_error,
+            hidden[start : start + chunk_rows],
+            masked_idx[start : start + chunk_rows],
+            start,
+            use_reentrant=False,
+        )
         for start in range(0, rows, chunk_rows)
     )
     # Mean of each view, summed over the two views: the total over (rows / 2) * M * D.

@@ -1,7 +1,7 @@
 """``scipy.io.loadmat`` in a child process, so that a damaged file cannot kill ours.
 
 scipy's MATLAB v5 reader is compiled code: some byte-damaged files make it
-crash the process with SIGSEGV (tests/test_reliability.py), so a user would see
+crash the process with SIGSEGV (tests/e2e/test_reliability.py), so a user would see
 the command die without a word. Label files are small, so reading them in a
 child Python process costs about half a second and turns a crash into an
 ordinary "damaged file" error.
@@ -56,8 +56,12 @@ def load_mat_v5(path: str | Path, key: str, timeout: float = 600.0) -> MatResult
     with tempfile.TemporaryDirectory(prefix="conmh-mat-") as tmp:
         out = Path(tmp) / "array.npy"
         try:
-            proc = subprocess.run([sys.executable, "-c", _CHILD, str(path), key, str(out)],
-                                  capture_output=True, text=True, timeout=timeout)
+            proc = subprocess.run(
+                [sys.executable, "-c", _CHILD, str(path), key, str(out)],
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
         except subprocess.TimeoutExpired:
             return MatResult("crash", error=f"the MATLAB reader did not finish within {timeout:.0f} s")
         if proc.returncode != 0:

@@ -37,8 +37,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -124,8 +124,12 @@ def _ap_from_relevance(rel: np.ndarray, ks: Sequence[int]) -> np.ndarray:
 
 
 def _check_inputs(
-    db: np.ndarray, db_labels: np.ndarray, queries: np.ndarray | None, query_labels: np.ndarray | None,
-    nbits: int, ks: Sequence[int],
+    db: np.ndarray,
+    db_labels: np.ndarray,
+    queries: np.ndarray | None,
+    query_labels: np.ndarray | None,
+    nbits: int,
+    ks: Sequence[int],
 ) -> None:
     if isinstance(nbits, bool) or not isinstance(nbits, (int, np.integer)) or nbits < 1:
         raise ValueError(f"nbits must be a positive integer, got {nbits!r}")
@@ -149,8 +153,15 @@ def _check_inputs(
 
 
 def average_precision_at_k(
-    db: np.ndarray, db_labels: np.ndarray, queries: np.ndarray | None, query_labels: np.ndarray | None,
-    nbits: int, ks: Iterable[int] = KS, *, chunk: int = DEFAULT_CHUNK, workers: int | None = None,
+    db: np.ndarray,
+    db_labels: np.ndarray,
+    queries: np.ndarray | None,
+    query_labels: np.ndarray | None,
+    nbits: int,
+    ks: Iterable[int] = KS,
+    *,
+    chunk: int = DEFAULT_CHUNK,
+    workers: int | None = None,
 ) -> np.ndarray:
     """AP@K of every query: float64 (n_queries, len(ks)), columns in the order of ``ks``.
 
@@ -197,8 +208,15 @@ def average_precision_at_k(
 
 
 def map_at_k(
-    db: np.ndarray, db_labels: np.ndarray, queries: np.ndarray | None, query_labels: np.ndarray | None,
-    nbits: int, ks: Iterable[int] = KS, *, chunk: int = DEFAULT_CHUNK, workers: int | None = None,
+    db: np.ndarray,
+    db_labels: np.ndarray,
+    queries: np.ndarray | None,
+    query_labels: np.ndarray | None,
+    nbits: int,
+    ks: Iterable[int] = KS,
+    *,
+    chunk: int = DEFAULT_CHUNK,
+    workers: int | None = None,
 ) -> dict[int, float]:
     """mAP@K for each K in ``ks`` (docs/reference.md §5 definition; see the module docstring).
 

@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .errors import CheckpointError, ConfigError
 from .losses import masked_reconstruction_loss
+from .presets import PRESETS
 
 __all__ = [
     "PRESETS",
@@ -39,14 +40,6 @@ __all__ = [
     "load_checkpoint",
     "sinusoid_table",
 ]
-
-# Encoder sizes of the upstream presets; the decoder is the same for all.
-PRESETS: dict[str, dict[str, int]] = {
-    "mini": {"hidden_size": 256, "encoder_depth": 1, "encoder_heads": 1},
-    "small": {"hidden_size": 256, "encoder_depth": 12, "encoder_heads": 6},
-    "base": {"hidden_size": 256, "encoder_depth": 12, "encoder_heads": 12},
-    "large": {"hidden_size": 256, "encoder_depth": 24, "encoder_heads": 16},
-}
 
 
 @dataclass(frozen=True)
@@ -73,7 +66,7 @@ class ModelConfig:
             raise ConfigError("more attention heads than the width allows (head size would be 0)")
 
     @classmethod
-    def from_preset(cls, preset: str, **sizes: int) -> "ModelConfig":
+    def from_preset(cls, preset: str, **sizes: int) -> ModelConfig:
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[preset], **sizes})
@@ -317,9 +310,7 @@ class ConMH(nn.Module):
         mask = self.mask_token.expand(b, m, -1) + self.decoder_pos[masked_idx]
         return self.decoder(torch.cat([vis, mask.to(vis.dtype)], dim=1), m)
 
-    def reconstruct(
-        self, codes: torch.Tensor, visible_idx: torch.Tensor, masked_idx: torch.Tensor
-    ) -> torch.Tensor:
+    def reconstruct(self, codes: torch.Tensor, visible_idx: torch.Tensor, masked_idx: torch.Tensor) -> torch.Tensor:
         """Predict the masked frames' features (B, M, D) from the visible frames' codes."""
         return self.decoder.predict(self.decode(codes, visible_idx, masked_idx))
 
@@ -335,7 +326,7 @@ def encode_bits(mean_codes: torch.Tensor) -> torch.Tensor:
 
 def _strip_module_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if state and all(k.startswith("module.") for k in state):
-        return {k[len("module."):]: v for k, v in state.items()}
+        return {k[len("module.") :]: v for k, v in state.items()}
     return state
 
 

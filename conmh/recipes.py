@@ -44,7 +44,8 @@ class Recipe:
         bad = [f"{k}={getattr(self, k)!r}" for k, ok in checks.items() if not ok]
         if bad:
             raise ConfigError(
-                "invalid training recipe: " + ", ".join(bad)
+                "invalid training recipe: "
+                + ", ".join(bad)
                 + " (mask_ratio and tau_plus in [0, 1), batch_size >= 2, epochs >= 1, temperature > 0)"
             )
 
@@ -52,7 +53,7 @@ class Recipe:
         """Learning rate of 0-based ``epoch``: StepLR, never below ``lr_min``."""
         return max(self.lr * self.lr_gamma ** (epoch // self.lr_step), self.lr_min)
 
-    def replace(self, **changes: object) -> "Recipe":
+    def replace(self, **changes: object) -> Recipe:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     def to_dict(self) -> dict[str, float | int]:

@@ -36,7 +36,7 @@ import numpy as np
 import scipy.io
 
 from conmh.atomic import atomic_path
-from conmh.data import DATASETS, FEATURE_KEY, get_layout
+from conmh.datasets import DATASETS, FEATURE_KEY, get_layout
 from conmh.errors import ConfigError
 
 
@@ -157,6 +157,9 @@ def _draw_labels(rng: np.random.Generator, n: int, n_classes: int, style: _Style
     return labels
 
 
+MAT_HEADER_TEXT = b"MATLAB 5.0 MAT-file, written by conmh.synthetic".ljust(116)
+
+
 def _write_feats(path: Path, feats: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as fh:
@@ -167,6 +170,10 @@ def _write_labels(path: Path, key: str, labels: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:  # a file object: savemat would append ".mat" to a ".tmp" name
             scipy.io.savemat(fh, {key: labels})
+            # The MAT 5 header's first 116 bytes are free text, where scipy writes the current
+            # time; a fixed text makes the same seed give the same bytes (and manifest sums).
+            fh.seek(0)
+            fh.write(MAT_HEADER_TEXT)
 
 
 def _check_spec(name: str, spec: MiniatureSpec) -> None:
@@ -307,4 +314,3 @@ def make_release_sized(
             _write_labels(out_dir / label_file, key, labels)
             written.append(out_dir / label_file)
     return written
-

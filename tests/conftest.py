@@ -1,4 +1,13 @@
-"""Fixtures shared by several test folders."""
+"""The kinds of tests, and fixtures shared by several folders.
+
+Each folder is one kind, and its tests carry that kind's marker:
+
+* ``unit/``: functions against the reference formulas, the official code and bad
+  inputs; under a minute (``python -m pytest -m unit``);
+* ``e2e/``: whole commands and pipelines as users run them (Snakemake, DVC,
+  torchrun, kills and restarts); several minutes;
+* ``cluster/``: the pipeline on a SLURM cluster; skipped without one.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +15,23 @@ from pathlib import Path
 
 import pytest
 
+KINDS = ("unit", "e2e", "cluster")
+TESTS = Path(__file__).parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        kind = Path(item.path).relative_to(TESTS).parts[0]
+        if kind not in KINDS:
+            raise pytest.UsageError(f"{item.nodeid}: a test belongs in one of the folders {', '.join(KINDS)}")
+        item.add_marker(kind)
+
 
 @pytest.fixture(scope="session")
 def snakemake_run(tmp_path_factory) -> Path:
     """The default (miniature) pipeline, run once per session with the local executor in a fresh copy
-    of the repository. tests/test_pipeline.py checks it; tests/cluster compares a SLURM run with it."""
-    from test_pipeline import copy_repo, output, snakemake  # tests/ is on sys.path: pytest put it there for this file
+    of the repository. tests/e2e/test_pipeline.py checks it; tests/cluster compares a SLURM run with it."""
+    from helpers.repo import copy_repo, output, snakemake
 
     repo = copy_repo(tmp_path_factory.mktemp("snakemake") / "repo")
     proc = snakemake(repo, "--cores", "2", timeout=1200)

@@ -27,8 +27,17 @@ ROOT = Path(__file__).resolve().parents[2]
 REQUIRE = "CONMH_REQUIRE_CLUSTER"
 SITE_VARIABLES = ("CONMH_SLURM_ACCOUNT", "CONMH_SLURM_PARTITION", "CONMH_SLURM_GPU_PARTITION")
 LOCALHOST_SITE = {"CONMH_SLURM_ACCOUNT": "conmh", "CONMH_SLURM_PARTITION": "cpu", "CONMH_SLURM_GPU_PARTITION": "gpu"}
-FINISHED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
-            "DEADLINE")
+FINISHED = (
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "OUT_OF_MEMORY",
+    "NODE_FAIL",
+    "PREEMPTED",
+    "BOOT_FAIL",
+    "DEADLINE",
+)
 START_HINT = "start one with `workflow/cluster/slurm-localhost.sh start` (root, Debian)"
 
 
@@ -82,20 +91,27 @@ def find_cluster() -> Cluster:
         raise ClusterProblem(f"{exc}; {START_HINT}") from None
     slurm("sacct", "-n", "-X", "-S", "now")  # accounting answers
     rows = [line.split() for line in slurm("sinfo", "-h", "-N", "-o", "%N %T %m").splitlines()]
-    usable = {name: int(memory) for name, state, memory in rows
-              if state.rstrip("*~#") in ("idle", "mixed", "allocated", "completing")}
+    usable = {
+        name: int(memory)
+        for name, state, memory in rows
+        if state.rstrip("*~#") in ("idle", "mixed", "allocated", "completing")
+    }
     if len(usable) < 2:
         raise ClusterProblem(f"the tests need 2 usable nodes, sinfo lists {rows}; {START_HINT}")
     given = {k: os.environ[k] for k in SITE_VARIABLES if os.environ.get(k)}
     site = given or LOCALHOST_SITE
     if "CONMH_SLURM_ACCOUNT" not in site or "CONMH_SLURM_PARTITION" not in site:
-        raise ClusterProblem("set both CONMH_SLURM_ACCOUNT and CONMH_SLURM_PARTITION (and optionally "
-                             "CONMH_SLURM_GPU_PARTITION), or none of them for the localhost cluster's")
+        raise ClusterProblem(
+            "set both CONMH_SLURM_ACCOUNT and CONMH_SLURM_PARTITION (and optionally "
+            "CONMH_SLURM_GPU_PARTITION), or none of them for the localhost cluster's"
+        )
     user = os.environ.get("USER") or subprocess.run(["id", "-un"], capture_output=True, text=True).stdout.strip()
     accounts = slurm("sacctmgr", "-n", "-P", "list", "associations", f"user={user}", "format=account").split()
     if site["CONMH_SLURM_ACCOUNT"] not in accounts:
-        raise ClusterProblem(f"user {user} has no association with account {site['CONMH_SLURM_ACCOUNT']!r} "
-                             f"(has: {', '.join(sorted(set(accounts)))}); {START_HINT}")
+        raise ClusterProblem(
+            f"user {user} has no association with account {site['CONMH_SLURM_ACCOUNT']!r} "
+            f"(has: {', '.join(sorted(set(accounts)))}); {START_HINT}"
+        )
     partitions = {p.rstrip("*") for p in slurm("sinfo", "-h", "-o", "%P").split()}
     for key in ("CONMH_SLURM_PARTITION", "CONMH_SLURM_GPU_PARTITION"):
         if key in site and site[key] not in partitions:
@@ -110,9 +126,24 @@ def find_cluster() -> Cluster:
 
 def sbatch(cluster: Cluster, command: str, log: Path, *, cwd: Path = ROOT, extra: tuple[str, ...] = ()) -> str:
     """Submit ``command`` (a shell command line) as a one-task batch job; its job id."""
-    args = ["sbatch", "--parsable", "-A", cluster.account, "-p", cluster.partition, "--ntasks=1",
-            "--cpus-per-task=1", f"--mem={min(2000, cluster.node_memory_mb)}", "-o", str(log), "-D", str(cwd),
-            *extra, "--wrap", command]
+    args = [
+        "sbatch",
+        "--parsable",
+        "-A",
+        cluster.account,
+        "-p",
+        cluster.partition,
+        "--ntasks=1",
+        "--cpus-per-task=1",
+        f"--mem={min(2000, cluster.node_memory_mb)}",
+        "-o",
+        str(log),
+        "-D",
+        str(cwd),
+        *extra,
+        "--wrap",
+        command,
+    ]
     proc = subprocess.run(args, env=cluster.env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, f"sbatch failed: {proc.stderr}"
     return proc.stdout.strip().split(";")[0]

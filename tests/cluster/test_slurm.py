@@ -24,23 +24,18 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pandas as pd
-import pytest
 import torch
 import yaml
 from slurm_cluster import ROOT, Cluster, accounting, job_state, sbatch, slurm, wait_finished, wait_until
 
+from conmh.pipeline.config import load_config
+from conmh.pipeline.paths import Layout
+from conmh.pipeline.steps import train_command
 from conmh.synthetic import MiniatureSpec, make_miniature
-
-pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+from helpers.repo import copy_repo
 
 PROFILE = ROOT / "workflow" / "profiles" / "slurm" / "config.yaml"
 GPU_RULES = ("train", "encode")  # the rules the profile sends to CONMH_SLURM_GPU_PARTITION
-
-
-def copy_repo(dest: Path) -> Path:
-    from test_pipeline import copy_repo as copy  # tests/ is on sys.path (tests/conftest.py)
-
-    return copy(dest)
 
 
 def site_profile(cluster: Cluster, folder: Path, train_tasks: int | None = None) -> Path:
@@ -67,8 +62,14 @@ def site_profile(cluster: Cluster, folder: Path, train_tasks: int | None = None)
 
 def snakemake_on_slurm(cluster: Cluster, repo: Path, site: Path, *args: str) -> tuple[str, str]:
     """Run Snakemake with the slurm profile in ``repo``; (its output, the SLURM run id naming its jobs)."""
-    proc = subprocess.run(["snakemake", "--profile", "workflow/profiles/slurm", "--profile", str(site), *args],
-                          cwd=repo, env=cluster.env(), capture_output=True, text=True, timeout=3600)
+    proc = subprocess.run(
+        ["snakemake", "--profile", "workflow/profiles/slurm", "--profile", str(site), *args],
+        cwd=repo,
+        env=cluster.env(),
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-6000:]
     run_id = re.search(r"SLURM run ID: (\S+)", text)
@@ -78,7 +79,9 @@ def snakemake_on_slurm(cluster: Cluster, repo: Path, site: Path, *args: str) -> 
 
 def jobs_of_run(run_id: str, since: str) -> list[dict[str, str]]:
     """The allocations (one per Snakemake job) a run submitted, with the rule each ran."""
-    rows = accounting("-X", "-S", since, "--name", run_id, "-o", "JobID,Comment,Account,Partition,State,NNodes,NodeList")
+    rows = accounting(
+        "-X", "-S", since, "--name", run_id, "-o", "JobID,Comment,Account,Partition,State,NNodes,NodeList"
+    )
     for row in rows:
         row["rule"] = row["Comment"].removeprefix("rule_").split("_wildcards_")[0]
     return rows
@@ -99,8 +102,9 @@ SLURM_BITS = 64
 def test_default_pipeline_on_slurm_gives_the_rows_of_the_local_table(cluster, snakemake_run, tmp_path):
     repo = copy_repo(tmp_path / "repo")
     since = now()
-    _, run_id = snakemake_on_slurm(cluster, repo, site_profile(cluster, tmp_path / "site"),
-                                   "--config", f"bits=[{SLURM_BITS}]")
+    _, run_id = snakemake_on_slurm(
+        cluster, repo, site_profile(cluster, tmp_path / "site"), "--config", f"bits=[{SLURM_BITS}]"
+    )
 
     local = pd.read_csv(snakemake_run / "results" / "table.csv")
     local = local[local["bits"] == SLURM_BITS].reset_index(drop=True)
@@ -125,7 +129,9 @@ def test_default_pipeline_on_slurm_gives_the_rows_of_the_local_table(cluster, sn
 
 
 TWO_NODE_CONFIG = [
-    "datasets=[activitynet]", "bits=[16]", "distributed={nproc_per_node: 1, nnodes: 2}",
+    "datasets=[activitynet]",
+    "bits=[16]",
+    "distributed={nproc_per_node: 1, nnodes: 2}",
     "miniature={sizes: {activitynet: {n_train: 192, n_database: 40, n_queries: 10, feature_dim: 32, n_classes: 4}},"
     " train: {epochs: 3, batch_size: 32, lr: 1.0e-3}}",
 ]
@@ -141,14 +147,31 @@ def test_training_on_two_nodes_starts_one_torchrun_per_node(cluster, tmp_path):
     (train_job,) = [job for job in jobs_of_run(run_id, since) if job["rule"] == "train"]
     assert train_job["NNodes"] == "2" and train_job["State"] == "COMPLETED", train_job
     nodes = slurm("scontrol", "show", "hostnames", train_job["NodeList"]).split()
-    # What job.py ran: srun starting torchrun on each node, meeting at the allocation's first node.
+    # What the train step ran: srun starting torchrun on each node, meeting at the allocation's first node.
     log = (repo / "logs" / "train" / "activitynet-16bits.log").read_text()
     launch = next(line[2:].split() for line in log.splitlines() if line.startswith("+ srun "))
-    assert launch[:7] == ["srun", "--overlap", f"--jobid={train_job['JobID']}", "--nodes=2", "--ntasks=2",
-                          "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
-    torchrun = launch[launch.index("torch.distributed.run") + 1:launch.index("conmh.cli") - 1]
-    assert torchrun == ["--nproc-per-node", "1", "--nnodes", "2", "--rdzv-backend", "c10d",
-                        "--rdzv-endpoint", f"{nodes[0]}:29500", "--rdzv-id", train_job["JobID"]]
+    assert launch[:7] == [
+        "srun",
+        "--overlap",
+        f"--jobid={train_job['JobID']}",
+        "--nodes=2",
+        "--ntasks=2",
+        "--ntasks-per-node=1",
+        "--kill-on-bad-exit=1",
+    ]
+    torchrun = launch[launch.index("torch.distributed.run") + 1 : launch.index("conmh") - 1]
+    assert torchrun == [
+        "--nproc-per-node",
+        "1",
+        "--nnodes",
+        "2",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"{nodes[0]}:29500",
+        "--rdzv-id",
+        train_job["JobID"],
+    ]
     # The accounting saw that step: 2 tasks on 2 nodes.
     steps = accounting("-j", train_job["JobID"], "-o", "JobID,NNodes,NTasks,NodeList,State")
     (step,) = [s for s in steps if s["NTasks"] == "2"]
@@ -161,10 +184,15 @@ def test_training_on_two_nodes_starts_one_torchrun_per_node(cluster, tmp_path):
     assert [json.loads(line)["epoch"] for line in (repo / train_log).read_text().splitlines()] == [1, 2, 3]
 
     # The same training as 2 processes on one node (torchrun --standalone) gives the same weights.
-    args = launch[launch.index("conmh.cli") + 1:]
+    args = launch[launch.index("conmh") + 1 :]
     args[args.index("--out-dir") + 1] = str(tmp_path / "one-node")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "conmh.cli", *args], cwd=repo, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "conmh", *args],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_weights(out / "model.pt", tmp_path / "one-node" / "model.pt")
 
@@ -180,8 +208,25 @@ def assert_same_weights(a: Path, b: Path) -> None:
 
 
 def codes_of(checkpoint: Path, data: Path, out: Path) -> dict[str, np.ndarray]:
-    cmd = ["conmh", "encode", "--checkpoint", str(checkpoint), "--dataset", "activitynet", "--data-dir", str(data),
-           "--out", str(out), "--preset", "mini", "--bits", "16", "--device", "cpu", "--no-progress"]
+    cmd = [
+        "conmh",
+        "encode",
+        "--checkpoint",
+        str(checkpoint),
+        "--dataset",
+        "activitynet",
+        "--data-dir",
+        str(data),
+        "--out",
+        str(out),
+        "--preset",
+        "mini",
+        "--bits",
+        "16",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with h5py.File(out) as f:
@@ -190,27 +235,51 @@ def codes_of(checkpoint: Path, data: Path, out: Path) -> dict[str, np.ndarray]:
 
 def test_a_cancelled_training_job_resumes_and_ends_with_the_codes_of_an_uninterrupted_run(cluster, tmp_path):
     data = tmp_path / "data"
-    make_miniature("activitynet", data, seed=0,
-                   spec=MiniatureSpec(n_train=400, n_database=60, n_queries=20, feature_dim=64, n_classes=6))
+    make_miniature(
+        "activitynet",
+        data,
+        seed=0,
+        spec=MiniatureSpec(n_train=400, n_database=60, n_queries=20, feature_dim=64, n_classes=6),
+    )
     epochs = 4
-    train = ["conmh", "train", "--dataset", "activitynet", "--data-dir", str(data), "--bits", "16",
-             "--preset", "mini", "--epochs", str(epochs), "--batch-size", "32", "--lr", "1e-3", "--seed", "1",
-             "--device", "cpu", "--threads", "1", "--no-progress"]
-    run_dir, straight = tmp_path / "slurm", tmp_path / "straight"
-    job = ["python", "workflow/scripts/job.py", "train", "--out-dir", str(run_dir),
-           "--log-copy", str(tmp_path / "slurm.jsonl"), "--resume", "--", *train, "--out-dir", str(run_dir)]
+    # A real-data run (only those resume), in this test's folders.
+    cfg = load_config(ROOT / "config.yaml")
+    cfg.update(preset="mini", device="cpu", paths={k: str(tmp_path / k) for k in ("data", "work", "results", "logs")})
+    cfg["activitynet"].update(
+        source="real", data_dir=str(data), recipe={"epochs": epochs, "batch_size": 32, "lr": 1e-3, "seed": 1}
+    )
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    run_dir, straight = Path(Layout.of(cfg).train_dir("activitynet", 16)), tmp_path / "straight"
+    train = train_command(cfg, "activitynet", 16) + ["--threads", "1"]
+    train[train.index("--out-dir") + 1] = str(straight)
+    job = [
+        "conmh",
+        "pipeline",
+        "train",
+        "--dataset",
+        "activitynet",
+        "--bits",
+        "16",
+        "--threads",
+        "1",
+        "--config",
+        str(config),
+    ]
 
     def epochs_logged() -> list[int]:
         path = run_dir / "train_log.jsonl"
         return [json.loads(line)["epoch"] for line in path.read_text().splitlines()] if path.exists() else []
 
     # The uninterrupted run, here, while the cluster runs the other.
-    uninterrupted = subprocess.Popen([*train, "--out-dir", str(straight)], stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)
+    uninterrupted = subprocess.Popen(train, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     first = sbatch(cluster, shlex.join(job), tmp_path / "first.out")
     # Cancel once the first checkpoint is written, while the job trains a later epoch.
-    wait_until(lambda: (run_dir / "checkpoint.pt").exists() or job_state(first) not in ("", "PENDING", "RUNNING"),
-               f"the first checkpoint of job {first}", poll=0.1)
+    wait_until(
+        lambda: (run_dir / "checkpoint.pt").exists() or job_state(first) not in ("", "PENDING", "RUNNING"),
+        f"the first checkpoint of job {first}",
+        poll=0.1,
+    )
     slurm("scancel", first)
     assert wait_finished(first) == "CANCELLED", (tmp_path / "first.out").read_text()
     interrupted = epochs_logged()
@@ -219,7 +288,7 @@ def test_a_cancelled_training_job_resumes_and_ends_with_the_codes_of_an_uninterr
 
     second = sbatch(cluster, shlex.join(job), tmp_path / "second.out")
     assert wait_finished(second) == "COMPLETED", (tmp_path / "second.out").read_text()
-    # (A change to conmh's training code between the two jobs would make job.py start afresh.)
+    # (A change to conmh's training code between the two jobs would make the step start afresh.)
     assert "reusing the checkpoint of the same run" in (tmp_path / "second.out").read_text()
     assert epochs_logged() == list(range(1, epochs + 1))
 

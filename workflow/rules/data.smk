@@ -8,9 +8,9 @@ rule download:
     log:
         LAYOUT.log("download", "{dataset}"),
     params:
-        cmd=cmd("download"),
+        config=CONFIG,
     shell:
-        RUN
+        "conmh pipeline download --dataset {wildcards.dataset} --config {params.config} --log {log}"
 
 
 rule verify:
@@ -22,6 +22,6 @@ rule verify:
     log:
         LAYOUT.log("verify", "{dataset}"),
     params:
-        cmd=cmd("verify"),
+        config=CONFIG,
     shell:
-        RUN
+        "conmh pipeline verify --dataset {wildcards.dataset} --config {params.config} --log {log}"

@@ -3,7 +3,7 @@
 
 rule encode:
     input:
-        model=lambda wc: steps.model_for(config, wc.dataset, wc.bits),
+        model=lambda wc: settings.model_for(config, wc.dataset, wc.bits),
         verify=LAYOUT.verify_report("{dataset}"),
         # the data folder itself (not committed): a fresh clone downloads or generates it again
         downloaded=LAYOUT.download_done("{dataset}"),
@@ -15,11 +15,12 @@ rule encode:
         LAYOUT.benchmark("encode", "{dataset}-{bits}bits")
     threads: config["threads"]["encode"]
     resources:
-        gpu=gpus,
+        gpu=encode_gpus,
     params:
-        cmd=cmd("encode"),
+        config=CONFIG,
     shell:
-        RUN_THREADS
+        "conmh pipeline encode --dataset {wildcards.dataset} --bits {wildcards.bits} --threads {threads}"
+        " --config {params.config} --log {log}"
 
 
 rule lsh:
@@ -32,9 +33,9 @@ rule lsh:
     log:
         LAYOUT.log("lsh", "{dataset}-{bits}bits"),
     params:
-        cmd=cmd("lsh"),
+        config=CONFIG,
     shell:
-        RUN
+        "conmh pipeline lsh --dataset {wildcards.dataset} --bits {wildcards.bits} --config {params.config} --log {log}"
 
 
 rule evaluate:
@@ -47,6 +48,7 @@ rule evaluate:
     benchmark:
         LAYOUT.benchmark("evaluate", "{method}-{dataset}-{bits}bits")
     params:
-        cmd=lambda wc: steps.shell(steps.evaluate_command(config, wc.method, wc.dataset, int(wc.bits))),
+        config=CONFIG,
     shell:
-        RUN
+        "conmh pipeline evaluate --method {wildcards.method} --dataset {wildcards.dataset} --bits {wildcards.bits}"
+        " --config {params.config} --log {log}"

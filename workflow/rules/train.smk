@@ -6,9 +6,8 @@ rule train:
         verify=LAYOUT.verify_report("{dataset}"),
         # the data folder itself (not committed): a fresh clone downloads or generates it again
         downloaded=LAYOUT.download_done("{dataset}"),
-        # The installed package's training code: changing it retrains, as under DVC
-        # (dvc.yaml lists the same modules of the checkout).
-        code=[str(path) for path in job.training_code()],
+        # the package's training code: changing it retrains, as under DVC
+        code=training_code(),
     output:
         model=LAYOUT.model("{dataset}", "{bits}"),
         train_log=LAYOUT.train_log("{dataset}", "{bits}"),
@@ -17,14 +16,15 @@ rule train:
     benchmark:
         LAYOUT.benchmark("train", "{dataset}-{bits}bits")
     threads: config["threads"]["train"]
+    # TODO: a CPU-only (gloo) run on several nodes needs `tasks: <nnodes>` in the user's
+    # profile (docs/pipeline.md), since the SLURM plugin submits jobs without GPUs with
+    # --ntasks=1 and SLURM then shrinks the allocation to one node. Setting
+    # tasks = nnodes here when the job has no GPU (0 otherwise) should fix it; untested.
     resources:
         gpu=train_gpus,
         nodes=config["distributed"]["nnodes"],
-        # TODO: a CPU-only (gloo) run on several nodes needs `tasks: <nnodes>` in the user's
-        # profile (docs/pipeline.md), since the SLURM plugin submits jobs without GPUs with
-        # --ntasks=1 and SLURM then shrinks the allocation to one node. Setting
-        # tasks = nnodes here when the job has no GPU (0 otherwise) should fix it; untested.
     params:
-        cmd=cmd("train"),
+        config=CONFIG,
     shell:
-        RUN_THREADS
+        "conmh pipeline train --dataset {wildcards.dataset} --bits {wildcards.bits} --threads {threads}"
+        " --config {params.config} --log {log}"

@@ -1,0 +1,98 @@
+"""Where training runs and how: the device, the compute precision, and where the training array lives.
+
+The training array is either held on the device (host RAM on the CPU, GPU
+memory on CUDA) in the compute dtype, or streamed from the HDF5 files batch by
+batch (``conmh.loader``); :func:`plan_data` decides which.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ConfigError
+from .loader import ResidentBatches, StreamingBatches
+
+# Data mode "auto": on the CPU, training arrays up to this size are held in
+# host memory; on CUDA, arrays that take at most GPU_RESIDENT_FRACTION of the
+# free GPU memory (in the compute dtype) are held there. Larger ones are streamed.
+IN_MEMORY_LIMIT_BYTES = 4 << 30
+GPU_RESIDENT_FRACTION = 0.5
+DATA_MODES = ("auto", "memory", "stream")
+PRECISIONS = ("auto", "fp32", "bf16")
+COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """``auto``: CUDA when present (this process's local rank under torchrun), else CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for, but CUDA is not available on this machine")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from None
+
+
+def compute_precision(precision: str = "auto") -> str:
+    """``auto`` and ``fp32``: float32 on every device, as the official code trains;
+    ``bf16``: bf16 autocast, asked for explicitly (other rounding, see README)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return "fp32" if precision == "auto" else precision
+
+
+def set_float32_matmul(device: torch.device) -> None:
+    """float32 means float32: no TF32 in CUDA matrix products and convolutions."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+
+def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The forward pass's context for a resolved precision: bf16 autocast, or nothing."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    """Where training batches come from: the array held on the device (``resident``) or streamed."""
+
+    resident: bool
+    dtype: torch.dtype  # of the array held on the device; streamed batches are cast to it
+
+
+def plan_data(
+    nbytes_fp32: int, device_type: str, precision: str, mode: str = "auto", free_device_bytes: int | None = None
+) -> DataPlan:
+    """Decide resident or streamed for a training array of ``nbytes_fp32`` bytes in float32.
+
+    The held array has the compute dtype (float32, or bf16 under bf16
+    autocast). ``free_device_bytes`` is the free GPU memory (CUDA only).
+    """
+    if mode not in DATA_MODES:
+        raise ConfigError(f"data mode must be one of {DATA_MODES}, got {mode!r}")
+    dtype = COMPUTE_DTYPES[compute_precision(precision)]
+    if mode != "auto":
+        return DataPlan(resident=mode == "memory", dtype=dtype)
+    held = nbytes_fp32 * dtype.itemsize // 4
+    if device_type == "cuda":
+        if free_device_bytes is None:
+            raise ValueError("plan_data needs the free GPU memory for a CUDA device")
+        return DataPlan(resident=held <= GPU_RESIDENT_FRACTION * free_device_bytes, dtype=dtype)
+    return DataPlan(resident=held <= IN_MEMORY_LIMIT_BYTES, dtype=dtype)
+
+
+def make_batches(feats, device: torch.device, plan: DataPlan) -> ResidentBatches | StreamingBatches:
+    """The batch source of ``plan`` (see ``conmh.loader``)."""
+    if plan.resident:
+        return ResidentBatches(feats, device, dtype=plan.dtype)
+    return StreamingBatches(feats)

@@ -1,0 +1,13 @@
+"""The reproduction pipeline: what the Snakefile's rules and dvc.yaml's stages run.
+
+Every rule and stage runs ``conmh pipeline STEP`` (``cli.py``), which calls the
+function of the same name in ``steps.py``. The rest, one job each:
+
+* ``config.py`` -- config.yaml loaded and checked once (``config.schema.yaml``),
+  and what one run uses (data folder, recipe changes, device, GPUs);
+* ``paths.py`` -- every path the pipeline writes;
+* ``download.py`` -- miniature generation, resumable mirror downloads, sha256;
+* ``gpus.py`` -- which GPUs a job takes; ``launch.py`` -- torchrun and srun;
+* ``training_run.py`` -- a training folder that resumes, and knows when it is stale;
+* ``report.py`` -- the paper's table (``paper_table.csv``) and the figures.
+"""

@@ -1,0 +1,129 @@
+"""``conmh pipeline STEP``: one step of the reproduction pipeline, for one dataset and code length.
+
+Every Snakemake rule and every dvc.yaml stage runs one of these commands; the
+step reads the configuration (``config.yaml`` by default) and calls the
+function of the same name in ``conmh.pipeline.steps``::
+
+    conmh pipeline download --dataset fcvid
+    conmh pipeline verify   --dataset fcvid
+    conmh pipeline train    --dataset fcvid --bits 64 [--threads 8]
+    conmh pipeline encode   --dataset fcvid --bits 64 [--threads 8]
+    conmh pipeline lsh      --dataset fcvid --bits 64
+    conmh pipeline evaluate --dataset fcvid --bits 64 --method conmh
+    conmh pipeline report
+
+Exit codes as ``conmh``: 0 ok, 1 bug, 2 usage, 3 bad input or configuration,
+4 missing dataset file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..datasets import DATASETS
+from ..errors import ConMHError
+
+STEPS = ("download", "verify", "train", "encode", "lsh", "evaluate", "report")
+NEEDS = {  # the options each step needs
+    "download": ("dataset",),
+    "verify": ("dataset",),
+    "train": ("dataset", "bits"),
+    "encode": ("dataset", "bits"),
+    "lsh": ("dataset", "bits"),
+    "evaluate": ("dataset", "bits", "method"),
+    "report": (),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .config import METHODS
+
+    parser = argparse.ArgumentParser(
+        prog="conmh pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("step", choices=STEPS)
+    parser.add_argument("--dataset", choices=DATASETS)
+    parser.add_argument("--bits", type=int)
+    parser.add_argument("--method", choices=METHODS, help="evaluate: which codes")
+    parser.add_argument("--threads", type=int, help="train, encode: torch threads (default: config's threads)")
+    parser.add_argument(
+        "--config", type=Path, default=Path("config.yaml"), help="configuration file (default: config.yaml)"
+    )
+    parser.add_argument(
+        "--log", type=Path, help="write everything the step prints to this file; shown on stderr if the step fails"
+    )
+    return parser
+
+
+@contextlib.contextmanager
+def output_to(log: Path) -> Iterator[None]:
+    """Send this process's stdout and stderr, and its children's, to ``log`` for the duration.
+
+    A job log is a stream, written as the step runs (not through conmh.atomic):
+    it is what one reads when a job hangs or dies.
+    """
+    log.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved, streams = (os.dup(1), os.dup(2)), (sys.stdout, sys.stderr)
+    with open(log, "w", encoding="utf-8", buffering=1) as fh:
+        os.dup2(fh.fileno(), 1)  # child processes (torchrun, conmh train)
+        os.dup2(fh.fileno(), 2)
+        sys.stdout = sys.stderr = fh  # this process, even where sys.stderr is not fd 2
+        try:
+            yield
+        finally:
+            sys.stdout, sys.stderr = streams
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+def run_step(args: argparse.Namespace) -> int:
+    from . import steps
+    from .config import load_config
+
+    cfg = load_config(args.config)
+    step = getattr(steps, args.step)
+    if args.step == "report":
+        return step(cfg)
+    if args.step in ("download", "verify"):
+        return step(cfg, args.dataset)
+    if args.step == "evaluate":
+        return step(cfg, args.method, args.dataset, args.bits)
+    if args.step == "lsh":
+        return step(cfg, args.dataset, args.bits)
+    threads = args.threads or cfg["threads"][args.step]
+    return step(cfg, args.dataset, args.bits, threads)
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        return run_step(args)
+    except ConMHError as exc:
+        print(f"conmh pipeline {args.step}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except OSError as exc:  # unwritable output, disk full, ...
+        print(f"conmh pipeline {args.step}: error: {exc}", file=sys.stderr)
+        return ConMHError.exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    missing = [f"--{name}" for name in NEEDS[args.step] if getattr(args, name) is None]
+    if missing:
+        parser.error(f"{args.step} needs {', '.join(missing)}")
+    if args.log is None:
+        return _run(args)
+    with output_to(args.log):
+        status = _run(args)
+    if status != 0:
+        sys.stderr.write(args.log.read_text(encoding="utf-8", errors="replace"))
+    return status

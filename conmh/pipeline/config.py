@@ -1,0 +1,195 @@
+"""The pipeline's configuration: loaded, converted and checked once, then read through small accessors.
+
+``config.yaml`` holds the user's choices; every key is checked against
+``config.schema.yaml`` beside this module (unknown keys are refused, every
+problem is listed at once). The paper's recipes are not repeated there: a
+dataset's ``recipe`` holds only the values the user changes, over
+``conmh.recipes.RECIPES``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import ConfigError
+from .paths import Layout
+
+SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
+METHODS = ("conmh", "lsh")
+
+
+def load_schema() -> dict:
+    return yaml.safe_load(SCHEMA_PATH.read_text(encoding="utf-8"))
+
+
+def _resolve(schema: dict, root: dict) -> dict:
+    """Follow local ``$ref`` pointers ("#/$defs/name") of the schema."""
+    while "$ref" in schema:
+        node: Any = root
+        for part in schema["$ref"].lstrip("#/").split("/"):
+            node = node[part]
+        schema = {**node, **{k: v for k, v in schema.items() if k != "$ref"}}
+    return schema
+
+
+def _convert_scalar(value: str, kind: str | list | None) -> Any:
+    kinds = kind if isinstance(kind, list) else [kind]
+    if "integer" in kinds:
+        try:
+            return int(value)
+        except ValueError:
+            pass
+    if "number" in kinds:
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if "boolean" in kinds and value.lower() in ("true", "false", "yes", "no"):
+        return value.lower() in ("true", "yes")
+    return value
+
+
+def coerce(value: Any, schema: dict, root: dict | None = None) -> Any:
+    """Convert strings to the types the schema asks for, recursively.
+
+    ``snakemake --config 'bits=[16,32]'`` parses nested values with YAML's
+    BaseLoader, which leaves every scalar a string; mapping keys given as
+    numbers (checkpoint bits) become strings too, so that the schema can
+    check them. Values that do not convert are left for the schema to refuse.
+    """
+    root = schema if root is None else root
+    schema = _resolve(schema, root)
+    if isinstance(value, dict):
+        out = {}
+        props = schema.get("properties", {})
+        extra = schema.get("additionalProperties")
+        for key, item in value.items():
+            key = str(key)
+            sub = props.get(key, extra if isinstance(extra, dict) else None)
+            out[key] = coerce(item, sub, root) if sub else item
+        return out
+    if isinstance(value, list):
+        sub = schema.get("items")
+        return [coerce(v, sub, root) if sub else v for v in value]
+    if isinstance(value, str):
+        return _convert_scalar(value, schema.get("type"))
+    return value
+
+
+def _where(path: Iterator[Any]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def config_problems(cfg: dict) -> list[str]:
+    """Every schema violation of ``cfg``, one readable line each (empty when valid)."""
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(load_schema())
+    errors = sorted(validator.iter_errors(cfg), key=lambda e: [str(p) for p in e.absolute_path])
+    return [f"{_where(err.absolute_path)}: {err.message}" for err in errors]
+
+
+def check_config(cfg: dict, source: str = "config.yaml") -> dict:
+    """The checked configuration (types converted); ConfigError listing every problem otherwise."""
+    cfg = coerce(copy.deepcopy(cfg), load_schema())
+    problems = config_problems(cfg)
+    if not problems:
+        for dataset, by_bits in cfg["checkpoints"].items():
+            for bits in by_bits:
+                if int(bits) not in cfg["bits"]:
+                    problems.append(
+                        f"checkpoints.{dataset}.{bits}: {bits} bits is not among the code lengths to run "
+                        f"(bits: {cfg['bits']})"
+                    )
+    if problems:
+        raise ConfigError(
+            f"{source} is not valid ({len(problems)} problem{'s' if len(problems) > 1 else ''}; "
+            f"allowed keys and values: conmh/pipeline/{SCHEMA_PATH.name}):\n" + "\n".join(f"  - {p}" for p in problems)
+        )
+    return cfg
+
+
+def load_config(path: str | Path = "config.yaml") -> dict:
+    """Read and check a configuration file (config.yaml, or the copy a Snakemake run writes)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: configuration file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values, found {type(raw).__name__}")
+    return check_config(raw, str(path))
+
+
+# --------------------------------------------------------------------------- what one run uses
+
+
+def is_real(cfg: dict, dataset: str) -> bool:
+    return cfg[dataset]["source"] == "real"
+
+
+def data_dir(cfg: dict, dataset: str) -> str:
+    """Where the dataset's files are read from: the miniature folder or the configured real folder."""
+    if is_real(cfg, dataset):
+        return cfg[dataset]["data_dir"]
+    return Layout.of(cfg).miniature_dir(dataset)
+
+
+def recipe_changes(cfg: dict, dataset: str) -> dict:
+    """The recipe values that differ from the paper's (conmh.recipes): the dataset's own, then the
+    miniature overrides for a miniature."""
+    out = dict(cfg[dataset]["recipe"])
+    if not is_real(cfg, dataset):
+        out.update(cfg["miniature"]["train"])
+    return out
+
+
+def preset(cfg: dict, dataset: str) -> str:
+    return cfg["preset"] if is_real(cfg, dataset) else cfg["miniature"]["preset"]
+
+
+def device(cfg: dict, dataset: str) -> str:
+    return cfg["device"] if is_real(cfg, dataset) else cfg["miniature"]["device"]
+
+
+def uses_gpu(cfg: dict, dataset: str) -> bool:
+    """Whether a train/encode job of ``dataset`` holds GPUs (a Snakemake resource)."""
+    return device(cfg, dataset) != "cpu" and is_real(cfg, dataset)
+
+
+def world_size(cfg: dict) -> int:
+    return cfg["distributed"]["nproc_per_node"] * cfg["distributed"]["nnodes"]
+
+
+def train_gpus(cfg: dict, dataset: str) -> int:
+    """GPUs a training job holds: one per process (all nodes together)."""
+    return world_size(cfg) if uses_gpu(cfg, dataset) else 0
+
+
+def released_checkpoint(cfg: dict, dataset: str, bits: Any) -> str | None:
+    """The authors' checkpoint configured for this run, or None when the pipeline trains it."""
+    return cfg["checkpoints"].get(dataset, {}).get(str(bits))
+
+
+def runs(cfg: dict) -> list[tuple[str, int]]:
+    """Every (dataset, bits) of the run: the paper's table has a row for each."""
+    return [(d, b) for d in cfg["datasets"] for b in cfg["bits"]]
+
+
+def trained_runs(cfg: dict) -> list[tuple[str, int]]:
+    return [(d, b) for d, b in runs(cfg) if released_checkpoint(cfg, d, b) is None]
+
+
+def model_for(cfg: dict, dataset: str, bits: Any) -> str:
+    """The weights that ``encode`` reads: a released checkpoint, or the pipeline's own model."""
+    return released_checkpoint(cfg, dataset, bits) or Layout.of(cfg).model(dataset, bits)

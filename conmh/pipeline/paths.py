@@ -1,0 +1,77 @@
+"""Every path the pipeline writes, in one place (the Snakefile's rules and dvc.yaml's outs follow it).
+
+Arguments may be Snakemake wildcards ("{dataset}"), so that one method gives
+both a rule's pattern and a concrete path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Layout:
+    data: str
+    work: str
+    results: str
+    logs: str
+
+    @classmethod
+    def of(cls, cfg: dict) -> Layout:
+        p = cfg["paths"]
+        return cls(*(p[k].rstrip("/") for k in ("data", "work", "results", "logs")))
+
+    def miniature_dir(self, dataset: str) -> str:
+        return f"{self.data}/miniature/{dataset}"
+
+    def download_done(self, dataset: str) -> str:
+        """A flag in the (uncommitted) data folder: a fresh clone, which has the committed
+        results but no data, downloads or generates every dataset again."""
+        return f"{self.data}/.downloaded/{dataset}"
+
+    def manifest(self, dataset: str) -> str:
+        return f"{self.results}/data/{dataset}/download.json"
+
+    def verify_report(self, dataset: str) -> str:
+        return f"{self.results}/data/{dataset}/verify.json"
+
+    def train_dir(self, dataset: str, bits: Any) -> str:
+        return f"{self.work}/train/{dataset}/{bits}bits"
+
+    def model(self, dataset: str, bits: Any) -> str:
+        return f"{self.train_dir(dataset, bits)}/model.pt"
+
+    def train_log(self, dataset: str, bits: Any) -> str:
+        return f"{self.results}/train/{dataset}/{bits}bits.jsonl"
+
+    def codes(self, method: str, dataset: str, bits: Any) -> str:
+        return f"{self.work}/codes/{dataset}/{method}-{bits}bits.h5"
+
+    def metrics(self, method: str, dataset: str, bits: Any) -> str:
+        return f"{self.results}/metrics/{dataset}/{method}-{bits}bits.json"
+
+    def summary(self, method: str, dataset: str, bits: Any) -> str:
+        return f"{self.results}/summary/{dataset}/{method}-{bits}bits.json"
+
+    def report_files(self) -> dict[str, str]:
+        r = self.results
+        return {
+            "table_csv": f"{r}/table.csv",
+            "table_md": f"{r}/table.md",
+            "table_tex": f"{r}/table.tex",
+            "curves": f"{r}/plots/map_at_k.csv",
+            "fig_map": f"{r}/figures/map_at_k.png",
+            "fig_paper": f"{r}/figures/ours_vs_paper.png",
+            "fig_loss": f"{r}/figures/loss_curves.png",
+        }
+
+    def effective_config(self) -> str:
+        """The checked configuration a Snakemake run's jobs read (config.yaml with --config applied)."""
+        return f"{self.logs}/config.yaml"
+
+    def log(self, step: str, name: str) -> str:
+        return f"{self.logs}/{step}/{name}.log"
+
+    def benchmark(self, step: str, name: str) -> str:
+        return f"{self.logs}/benchmarks/{step}/{name}.tsv"

@@ -1,0 +1,690 @@
+"""Unit tests of the pipeline (conmh.pipeline): config checking, what each step runs,
+GPU slots and resumable training folders, downloads (sha256, quarantine, resume
+over HTTP and file://), and the report table."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.server
+import json
+import os
+import sys
+import threading
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from conmh.datasets import DATASETS, get_layout
+from conmh.errors import ConfigError, DataError, LaunchError, MissingDataError
+from conmh.pipeline import config as settings
+from conmh.pipeline import download, gpus, launch, report, steps, training_run
+from conmh.pipeline.cli import main as pipeline
+from conmh.pipeline.paths import Layout
+from helpers.range_mirror import RangeMirror
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def cfg() -> dict:
+    return settings.load_config(ROOT / "config.yaml")
+
+
+def raw_config() -> dict:
+    return yaml.safe_load((ROOT / "config.yaml").read_text())
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_default_config_is_valid_and_runs_the_paper_grid(cfg):
+    assert cfg["datasets"] == ["fcvid", "activitynet", "yfcc"]
+    assert cfg["bits"] == [16, 32, 64]
+    assert all(cfg[d]["source"] == "miniature" for d in DATASETS)
+    # The paper's recipes live in conmh.recipes only: the config holds changes to them.
+    assert all(cfg[d]["recipe"] == {} for d in DATASETS)
+
+
+def test_real_data_trains_with_the_papers_recipe_and_miniatures_with_their_overrides(cfg):
+    assert settings.recipe_changes(cfg, "fcvid") == cfg["miniature"]["train"]
+    cfg["fcvid"]["source"] = "real"
+    assert settings.recipe_changes(cfg, "fcvid") == {}
+    cfg["fcvid"]["recipe"] = {"epochs": 100}
+    assert settings.recipe_changes(cfg, "fcvid") == {"epochs": 100}
+
+
+def test_command_line_strings_are_converted_to_schema_types():
+    # snakemake --config parses nested values with YAML's BaseLoader: all strings.
+    raw = raw_config()
+    raw["bits"] = ["16", "64"]
+    raw["fcvid"]["recipe"] = {"epochs": "5", "lr": "3e-4"}
+    raw["resume"] = "false"
+    raw["checkpoints"] = {"fcvid": {64: "/models/f64.pth"}}
+    cfg = settings.check_config(raw)
+    assert cfg["bits"] == [16, 64]
+    assert cfg["fcvid"]["recipe"]["epochs"] == 5 and cfg["fcvid"]["recipe"]["lr"] == pytest.approx(3e-4)
+    assert cfg["resume"] is False
+    assert cfg["checkpoints"] == {"fcvid": {"64": "/models/f64.pth"}}
+
+
+@pytest.mark.parametrize(
+    "change, where",
+    [
+        (lambda c: c.update(datasets=["fcvidd"]), "datasets[0]"),
+        (lambda c: c["fcvid"]["recipe"].update(mask_ratio=1.5), "fcvid.recipe.mask_ratio"),
+        (lambda c: c["fcvid"]["recipe"].update(epoch=800), "fcvid.recipe"),
+        (lambda c: c["yfcc"].update(source="baidu"), "yfcc.source"),
+        (lambda c: c["activitynet"].update(sha256={"train_feats.h5": "abc"}), "activitynet.sha256.train_feats.h5"),
+        (lambda c: c["activitynet"].update(mirrors={"train_feats.h5": "ftp://x"}), "activitynet.mirrors"),
+        (lambda c: c.update(bits=["x"]), "bits[0]"),
+        (lambda c: c.update(bits=[16, 1000]), "bits[1]"),  # wider than the 256-dim feature it hashes
+        (lambda c: c.update(distributed={"nproc_per_node": 0, "nnodes": 1}), "distributed.nproc_per_node"),
+        (lambda c: c.update(precision="fp16"), "precision"),
+        (lambda c: c.update(epochs=3), "(top level)"),
+        (lambda c: c["miniature"]["train"].update(epoch=3), "miniature.train"),
+    ],
+)
+def test_bad_config_values_are_refused_with_the_key_named(change, where):
+    raw = raw_config()
+    change(raw)
+    with pytest.raises(ConfigError) as err:
+        settings.check_config(raw)
+    assert f"  - {where}" in str(err.value)
+
+
+def test_every_problem_is_listed_at_once():
+    raw = raw_config()
+    raw["bits"] = [0]
+    raw["fcvid"]["recipe"] = {"batch_size": 1}
+    with pytest.raises(ConfigError, match="2 problems") as err:
+        settings.check_config(raw)
+    assert "bits[0]" in str(err.value) and "fcvid.recipe.batch_size" in str(err.value)
+
+
+def test_checkpoint_for_a_code_length_not_run_is_refused():
+    raw = raw_config()
+    raw["checkpoints"] = {"fcvid": {128: "/m.pth"}}
+    with pytest.raises(ConfigError, match="checkpoints.fcvid.128"):
+        settings.check_config(raw)
+
+
+def test_a_step_refuses_a_bad_config_file(tmp_path, capsys):
+    raw = raw_config()
+    raw["fcvid"]["recipe"] = {"epochs": 0}
+    bad = tmp_path / "config.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    assert pipeline(["download", "--dataset", "fcvid", "--config", str(bad)]) == 3
+    assert "fcvid.recipe.epochs: 0 is less than the minimum of 1" in capsys.readouterr().err
+
+
+def test_a_step_without_its_dataset_or_bits_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        pipeline(["train", "--dataset", "fcvid"])
+    assert exit_.value.code == 2 and "train needs --bits" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- what the steps run
+
+
+def _opt(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+def test_miniature_training_uses_the_miniature_overrides(cfg):
+    argv = steps.train_command(cfg, "activitynet", 32)
+    assert argv[:2] == ["conmh", "train"]
+    assert _opt(argv, "--epochs") == str(cfg["miniature"]["train"]["epochs"])
+    assert _opt(argv, "--batch-size") == str(cfg["miniature"]["train"]["batch_size"])
+    assert "--alpha" not in argv and "--mask-ratio" not in argv  # the paper's (conmh train's default)
+    assert _opt(argv, "--preset") == cfg["miniature"]["preset"] and _opt(argv, "--device") == "cpu"
+    assert _opt(argv, "--data-dir") == "data/miniature/activitynet"
+    assert not settings.uses_gpu(cfg, "activitynet") and settings.train_gpus(cfg, "activitynet") == 0
+
+
+def test_real_training_uses_the_paper_recipe_and_a_gpu(cfg):
+    cfg["fcvid"]["source"] = "real"
+    argv = steps.train_command(cfg, "fcvid", 64)
+    for option in ("--epochs", "--batch-size", "--lr", "--seed", "--alpha"):
+        assert option not in argv  # conmh train starts from the paper's recipe
+    for option, value in [("--preset", "small"), ("--device", "auto"), ("--data-dir", "data/real/fcvid")]:
+        assert _opt(argv, option) == value
+    assert settings.uses_gpu(cfg, "fcvid") and settings.train_gpus(cfg, "fcvid") == 1
+    assert _opt(argv, "--precision") == "auto" and "--activation-checkpointing" not in argv
+    cfg["activation_checkpointing"] = True
+    assert "--activation-checkpointing" in steps.train_command(cfg, "fcvid", 64)
+    cfg["fcvid"]["recipe"] = {"epochs": 100}
+    assert _opt(steps.train_command(cfg, "fcvid", 64), "--epochs") == "100"
+
+
+def test_each_step_runs_the_conmh_command_a_user_would_type(cfg, monkeypatch):
+    ran: list[list[str]] = []
+    monkeypatch.setattr(steps, "conmh", lambda argv: ran.append(argv) or 0)
+    assert steps.verify(cfg, "yfcc") == 0
+    assert steps.encode(cfg, "yfcc", 32, threads=3) == 0
+    assert steps.lsh(cfg, "yfcc", 32) == 0
+    assert steps.evaluate(cfg, "lsh", "yfcc", 64) == 0
+    verify, encode, lsh, evaluate = ran
+    assert verify == ["verify", "yfcc", "data/miniature/yfcc", "--report", "results/data/yfcc/verify.json"]
+    assert _opt(encode, "--checkpoint") == "work/train/yfcc/32bits/model.pt" and _opt(encode, "--threads") == "3"
+    assert _opt(lsh, "--out") == "work/codes/yfcc/lsh-32bits.h5" and _opt(lsh, "--seed") == "1"
+    assert evaluate == [
+        "evaluate",
+        "work/codes/yfcc/lsh-64bits.h5",
+        "--out",
+        "results/metrics/yfcc/lsh-64bits.json",
+        "--ks",
+        "5,10,20,40,60,80,100",
+    ]
+
+
+def test_released_checkpoint_is_encoded_instead_of_trained(cfg, tmp_path, monkeypatch):
+    released = tmp_path / "yfcc_32.pth"
+    released.write_bytes(b"weights")
+    cfg["checkpoints"] = {"yfcc": {"32": str(released)}}
+    cfg["paths"] = {k: str(tmp_path / k) for k in ("data", "work", "results", "logs")}
+    assert ("yfcc", 32) not in settings.trained_runs(cfg) and ("yfcc", 64) in settings.trained_runs(cfg)
+    assert settings.model_for(cfg, "yfcc", 32) == str(released)
+    # dvc repro runs every train stage of its matrix: this one copies the checkpoint into place.
+    assert steps.train(cfg, "yfcc", 32) == 0
+    lay = Layout.of(cfg)
+    assert Path(lay.model("yfcc", 32)).read_bytes() == b"weights" and Path(lay.train_log("yfcc", 32)).read_text() == ""
+
+
+def test_dvc_yaml_runs_the_same_steps_and_names_the_training_code():
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    from conmh.pipeline.cli import STEPS
+
+    assert set(dvc["stages"]) == set(STEPS)
+    assert dvc["vars"] == ["config.yaml"]
+    for name, stage in dvc["stages"].items():
+        assert stage["cmd"].startswith(f"conmh pipeline {name} ") or stage["cmd"] == "conmh pipeline report"
+    train_deps = {d for d in dvc["stages"]["train"]["deps"] if d.startswith("conmh/")}
+    assert train_deps == {f"conmh/{name}" for name in training_run.TRAINING_CODE}
+
+
+def test_snakefile_rules_run_the_same_steps():
+    rules = "".join(p.read_text() for p in (ROOT / "workflow" / "rules").glob("*.smk"))
+    from conmh.pipeline.cli import STEPS
+
+    for name in STEPS:
+        assert f'"conmh pipeline {name} ' in rules
+
+
+def test_a_failing_step_writes_its_log_and_shows_it(tmp_path, capsys):
+    raw = raw_config()
+    raw["yfcc"]["source"] = "real"
+    raw["yfcc"]["data_dir"] = str(tmp_path / "nowhere")
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    log = tmp_path / "logs" / "download.log"
+    assert pipeline(["download", "--dataset", "yfcc", "--config", str(config), "--log", str(log)]) == 4
+    assert "yfcc_train_feats_1.h5" in log.read_text()
+    assert log.read_text() in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- GPUs, launch, training folders
+
+
+def test_visible_gpus_come_from_cuda_visible_devices():
+    assert gpus.visible_gpus({"CUDA_VISIBLE_DEVICES": "2,3"}) == ["2", "3"]
+    assert gpus.visible_gpus({"CUDA_VISIBLE_DEVICES": ""}) == []
+    assert gpus.visible_gpus({"CUDA_VISIBLE_DEVICES": "-1"}) == []
+
+
+def test_concurrent_jobs_get_different_gpus_and_a_third_waits(tmp_path):
+    with contextlib.ExitStack() as stack:
+        first = stack.enter_context(gpus.gpu_slots(["0", "1"], tmp_path))
+        second = stack.enter_context(gpus.gpu_slots(["0", "1"], tmp_path))
+        assert sorted(first + second) == ["0", "1"]
+        got: list[list[str]] = []
+
+        def third() -> None:
+            with gpus.gpu_slots(["0", "1"], tmp_path, poll=0.05) as held:
+                got.append(held)
+
+        waiter = threading.Thread(target=third)
+        waiter.start()
+        waiter.join(0.5)
+        assert waiter.is_alive() and not got  # both GPUs are held
+    waiter.join(5)
+    assert got and len(got[0]) == 1 and got[0][0] in {"0", "1"}
+
+
+def test_a_multi_gpu_job_holds_all_its_gpus_or_waits(tmp_path):
+    with gpus.gpu_slots(["0", "1", "2"], tmp_path, count=2) as pair:
+        assert len(set(pair)) == 2
+        with gpus.gpu_slots(["0", "1", "2"], tmp_path) as single:  # the one left
+            assert single == sorted({"0", "1", "2"} - set(pair))
+        got: list[list[str]] = []
+
+        def pair_job() -> None:
+            with gpus.gpu_slots(["0", "1", "2"], tmp_path, count=2, poll=0.05) as held:
+                got.append(held)
+
+        waiter = threading.Thread(target=pair_job)
+        waiter.start()
+        waiter.join(0.5)
+        assert waiter.is_alive() and not got  # one free GPU is not enough, and it is not kept meanwhile
+        with gpus.gpu_slots(["0", "1", "2"], tmp_path) as single:
+            assert len(single) == 1
+    waiter.join(5)
+    assert got and len(got[0]) == 2
+
+
+def test_more_gpus_than_visible_is_refused(tmp_path):
+    with pytest.raises(LaunchError, match="needs 4 GPUs, but only 2"):
+        with gpus.gpu_slots(["0", "1"], tmp_path, count=4):
+            pass
+
+
+def test_no_gpu_means_no_lock(tmp_path):
+    with gpus.gpu_slots([], tmp_path) as held:
+        assert held == []
+
+
+def test_launch_one_node_is_torchrun_standalone():
+    cmd = ["conmh", "train", "--dataset", "fcvid", "--threads", "4"]
+    assert launch.launch_command(cmd, 1, 1, {}) == cmd
+    assert launch.launch_command(cmd, 4, 1, {}) == [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "4",
+        "-m",
+        "conmh",
+        "train",
+        "--dataset",
+        "fcvid",
+        "--threads",
+        "4",
+    ]
+
+
+def test_launch_several_nodes_needs_slurm_and_meets_at_its_first_node(monkeypatch):
+    cmd = ["conmh", "train", "--dataset", "yfcc"]
+    with pytest.raises(LaunchError, match="needs a SLURM allocation"):
+        launch.launch_command(cmd, 4, 2, {})
+    # The allocation's nodes come from slurmctld: a job step's SLURM_JOB_NODELIST names only the step's node.
+    monkeypatch.setattr(launch, "allocation_nodes", lambda job_id: {"4242": ["gpu07", "gpu08"]}[job_id])
+    env = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu07", "MASTER_PORT": "29611"}
+    argv = launch.launch_command(cmd, 4, 2, env)
+    assert argv[:3] == ["srun", "--overlap", "--jobid=4242"] and "--nodes=2" in argv and "--ntasks-per-node=1" in argv
+    rdzv = argv[argv.index("torch.distributed.run") + 1 : argv.index("-m", argv.index("torch.distributed.run"))]
+    assert rdzv == [
+        "--nproc-per-node",
+        "4",
+        "--nnodes",
+        "2",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        "gpu07:29611",
+        "--rdzv-id",
+        "4242",
+    ]
+    assert argv[-4:] == ["conmh", "train", "--dataset", "yfcc"]
+    with pytest.raises(LaunchError, match="has 2 .*--nodes=3"):
+        launch.launch_command(cmd, 4, 3, env)
+
+
+def test_the_multi_node_srun_runs_without_the_steps_slurm_variables():
+    env = {
+        "SLURM_JOB_ID": "7",
+        "SLURM_NNODES": "1",
+        "SLURM_JOB_NODELIST": "a",
+        "SRUN_CPUS_PER_TASK": "8",
+        "SLURM_CONF": "/etc/slurm/slurm.conf",
+        "PATH": "/bin",
+        "MASTER_PORT": "29611",
+    }
+    assert launch.srun_env(env) == {"SLURM_CONF": "/etc/slurm/slurm.conf", "PATH": "/bin", "MASTER_PORT": "29611"}
+
+
+def test_launch_refuses_what_cannot_run_in_parallel():
+    with pytest.raises(LaunchError, match="only `conmh train`"):
+        launch.launch_command(["conmh", "encode"], 2, 1, {})
+    with pytest.raises(LaunchError, match=">= 1"):
+        launch.launch_command(["conmh", "train"], 0, 1, {})
+
+
+TRAIN_CMD = ["conmh", "train", "--dataset", "fcvid", "--epochs", "800", "--device", "auto", "--threads", "8"]
+
+
+def _leftovers(folder: Path) -> None:
+    for name in training_run.TRAIN_FILES:
+        (folder / name).write_text("old")
+
+
+def test_an_identical_run_reuses_its_checkpoint(tmp_path):
+    assert training_run.prepare_train_dir(tmp_path, TRAIN_CMD, resume=True) is False
+    _leftovers(tmp_path)
+    # Threads, device and activation checkpointing (same weights) may change between the
+    # interrupted run and its continuation.
+    again = TRAIN_CMD[:-4] + ["--device", "cuda", "--threads", "4", "--activation-checkpointing"]
+    assert training_run.prepare_train_dir(tmp_path, again, resume=True) is True
+    assert (tmp_path / "checkpoint.pt").read_text() == "old"
+
+
+@pytest.mark.parametrize("resume, other", [(True, TRAIN_CMD[:5] + ["500"] + TRAIN_CMD[6:]), (False, TRAIN_CMD)])
+def test_a_changed_or_non_resumed_run_starts_from_scratch(tmp_path, resume, other):
+    training_run.prepare_train_dir(tmp_path, TRAIN_CMD, resume=True)
+    _leftovers(tmp_path)
+    assert training_run.prepare_train_dir(tmp_path, other, resume=resume) is False
+    assert not any((tmp_path / name).exists() for name in training_run.TRAIN_FILES)
+
+
+def test_changed_training_code_starts_from_scratch(tmp_path, monkeypatch):
+    training_run.prepare_train_dir(tmp_path, TRAIN_CMD, resume=True)
+    _leftovers(tmp_path)
+    monkeypatch.setattr(training_run, "code_fingerprint", lambda: "other code")
+    assert training_run.prepare_train_dir(tmp_path, TRAIN_CMD, resume=True) is False
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_a_gpu_step_sets_cuda_visible_devices_to_the_locked_gpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,6")
+    monkeypatch.setenv("CONMH_GPU_LOCK_DIR", str(tmp_path))
+    with gpus.on_free_gpus(1) as held:
+        assert held == [os.environ["CUDA_VISIBLE_DEVICES"]] and held[0] in {"5", "6"}
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "5,6"
+    with gpus.on_free_gpus(0) as held:
+        assert held == [] and os.environ["CUDA_VISIBLE_DEVICES"] == "5,6"
+
+
+def test_the_training_code_is_the_packages_own_modules():
+    paths = training_run.training_code()
+    assert [p.name for p in paths] == list(training_run.TRAINING_CODE) and all(p.is_file() for p in paths)
+
+
+# --------------------------------------------------------------------------- download
+
+
+class RangeHandler(RangeMirror):
+    ranges: list[str | None] = []
+
+
+@pytest.fixture
+def server(tmp_path):
+    root = tmp_path / "mirror"
+    root.mkdir()
+    RangeHandler.ranges = []
+    handler = lambda *a, **k: RangeHandler(*a, directory=str(root), **k)  # noqa: E731
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+ACTIVITYNET_FILES = ["train_feats.h5", "test_feats.h5", "re_label.mat", "query_feats.h5", "q_label.mat"]
+
+
+def test_download_fetches_from_a_mirror_and_checks_sha256(tmp_path, server):
+    root, url = server
+    payload = os.urandom(3 * download.CHUNK + 123)
+    (root / "train_feats.h5").write_bytes(payload)
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ACTIVITYNET_FILES[1:]:
+        (data / name).write_bytes(name.encode())
+    manifest = tmp_path / "download.json"
+    result = download.real(
+        "activitynet",
+        data,
+        manifest,
+        {"train_feats.h5": f"{url}/train_feats.h5"},
+        {"train_feats.h5": _sha(payload)},
+        progress=False,
+    )
+    assert (data / "train_feats.h5").read_bytes() == payload
+    assert not (data / "train_feats.h5.part").exists()
+    entry = {f["file"]: f for f in result["files"]}["train_feats.h5"]
+    assert entry["sha256"] == _sha(payload) and entry["bytes"] == len(payload)
+    assert [f["file"] for f in result["files"]] == ACTIVITYNET_FILES
+
+
+def test_download_resumes_a_partial_file_with_a_range_request(tmp_path, server):
+    root, url = server
+    payload = os.urandom(2 * download.CHUNK + 77)
+    (root / "f.bin").write_bytes(payload)
+    dest = tmp_path / "f.bin"
+    (tmp_path / "f.bin.part").write_bytes(payload[:1000])
+    download.fetch(f"{url}/f.bin", dest, progress=False)
+    assert RangeHandler.ranges == ["bytes=1000-"]
+    assert dest.read_bytes() == payload
+
+
+def test_download_resumes_from_a_file_url(tmp_path):
+    src = tmp_path / "src.bin"
+    payload = os.urandom(download.CHUNK + 5)
+    src.write_bytes(payload)
+    dest = tmp_path / "out" / "dst.bin"
+    dest.parent.mkdir()
+    (dest.parent / "dst.bin.part").write_bytes(payload[:10])
+    download.fetch(src.as_uri(), dest, progress=False)
+    assert dest.read_bytes() == payload
+
+
+def test_a_file_with_the_wrong_sha256_is_quarantined(tmp_path, server):
+    root, url = server
+    (root / "train_feats.h5").write_bytes(b"tampered")
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ACTIVITYNET_FILES[1:]:
+        (data / name).write_bytes(b"x")
+    with pytest.raises(MissingDataError) as err:
+        download.real(
+            "activitynet",
+            data,
+            tmp_path / "m.json",
+            {"train_feats.h5": f"{url}/train_feats.h5"},
+            {"train_feats.h5": _sha(b"genuine")},
+            progress=False,
+        )
+    assert err.value.exit_code == 4
+    assert "differs from the configured" in str(err.value)
+    assert not (data / "train_feats.h5").exists()
+    quarantined = list((data / "quarantine").iterdir())
+    assert len(quarantined) == 1 and quarantined[0].read_bytes() == b"tampered"
+
+
+def test_a_local_file_with_the_wrong_sha256_is_quarantined_then_refetched(tmp_path, server):
+    root, url = server
+    (root / "q_label.mat").write_bytes(b"good")
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ACTIVITYNET_FILES:
+        (data / name).write_bytes(b"bad" if name == "q_label.mat" else b"x")
+    download.real(
+        "activitynet",
+        data,
+        tmp_path / "m.json",
+        {"q_label.mat": f"{url}/q_label.mat"},
+        {"q_label.mat": _sha(b"good")},
+        progress=False,
+    )
+    assert (data / "q_label.mat").read_bytes() == b"good"
+    assert [p.read_bytes() for p in (data / "quarantine").iterdir()] == [b"bad"]
+
+
+def test_missing_files_give_instructions_not_a_traceback(tmp_path, capsys):
+    data = tmp_path / "nowhere"
+    data.mkdir()
+    (data / "fcv_test_feats.h5").write_bytes(b"x")
+    raw = raw_config()
+    raw["fcvid"].update(source="real", data_dir=str(data))
+    raw["paths"]["results"] = str(tmp_path / "results")
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    code = pipeline(["download", "--dataset", "fcvid", "--config", str(config)])
+    err = capsys.readouterr().err
+    assert code == 4
+    assert "Traceback" not in err
+    assert "huangmozhi9527/ConMH" in err and "Baidu" in err
+    assert "fcv_train_feats.h5" in err and "fcv_test_labels.mat" in err
+    assert "fcv_test_feats.h5  (" not in err  # present files are not listed
+    assert str(data) in err
+    assert not (tmp_path / "results" / "data" / "fcvid" / "download.json").exists()
+
+
+def test_unknown_mirror_file_names_are_refused(tmp_path):
+    with pytest.raises(DataError, match="not part of the release"):
+        download.real("yfcc", tmp_path, tmp_path / "m.json", {"yfcc_train.h5": "file:///x"}, {}, progress=False)
+
+
+def test_miniature_is_generated_once_then_kept(tmp_path):
+    raw = raw_config()
+    raw["miniature"].update(
+        seed=3, sizes={"yfcc": {"n_train": 40, "n_database": 30, "n_queries": 10, "feature_dim": 16}}
+    )
+    raw["paths"] = {k: str(tmp_path / k) for k in ("data", "work", "results", "logs")}
+    cfg = settings.check_config(raw)
+    data, manifest = Path(settings.data_dir(cfg, "yfcc")), Path(Layout.of(cfg).manifest("yfcc"))
+    assert steps.download(cfg, "yfcc") == 0
+    first = json.loads(manifest.read_text())
+    assert first["spec"]["n_train"] == 40 and first["seed"] == 3
+    assert sorted(f["file"] for f in first["files"]) == sorted(f for _, f, _ in get_layout("yfcc").all_files())
+    stamps = {p.name: p.stat().st_mtime_ns for p in data.iterdir()}
+    manifest_stamp = manifest.stat().st_mtime_ns
+    assert steps.download(cfg, "yfcc") == 0
+    assert {p.name: p.stat().st_mtime_ns for p in data.iterdir()} == stamps
+    assert manifest.stat().st_mtime_ns == manifest_stamp
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _metrics(dataset: str, method: str, bits: int, value: float, ks=(5, 10, 20, 40, 60, 80, 100)) -> dict:
+    return {"dataset": dataset, "method": method, "bits": bits, "map": {str(k): value - k / 1000 for k in ks}}
+
+
+def _long(tmp_path: Path, runs: list[tuple[str, int]], ks=(5, 10, 20, 40, 60, 80, 100)) -> pd.DataFrame:
+    paths = []
+    for d, b in runs:
+        for method, value in (("conmh", 0.6), ("lsh", 0.3)):
+            p = tmp_path / f"{d}-{method}-{b}.json"
+            p.write_text(json.dumps(_metrics(d, method, b, value + b / 1000, ks)))
+            paths.append(p)
+    return report.load_metrics(paths)
+
+
+def test_report_table_has_a_row_per_dataset_bits_and_method_for_miniatures(tmp_path):
+    runs = [(d, b) for d in DATASETS for b in (16, 32, 64)]
+    table = report.build_table(_long(tmp_path, runs), {d: "miniature" for d in DATASETS})
+    assert list(table.columns) == [
+        "dataset",
+        "data",
+        "bits",
+        "result",
+        "mAP@5",
+        "mAP@20",
+        "mAP@40",
+        "mAP@60",
+        "mAP@80",
+        "mAP@100",
+    ]
+    assert len(table) == 9 * 2
+    assert set(table["data"]) == {"synthetic"}
+    assert set(table["result"]) == {report.ROW_OURS, report.ROW_LSH}  # never compared with the paper
+    assert list(table["dataset"].unique()) == ["FCVID", "ActivityNet", "YFCC"]
+    row = table[(table["dataset"] == "YFCC") & (table["bits"] == 32) & (table["result"] == report.ROW_OURS)]
+    assert row["mAP@20"].item() == pytest.approx(0.6 + 0.032 - 0.020)
+
+
+def test_report_puts_the_paper_beside_real_results_with_the_difference(tmp_path):
+    runs = [("fcvid", b) for b in (16, 32, 64)] + [("yfcc", 16)]
+    table = report.build_table(_long(tmp_path, runs), {"fcvid": "real", "yfcc": "miniature"})
+    assert len(table) == 3 * 4 + 2
+    fc64 = table[(table["dataset"] == "FCVID") & (table["bits"] == 64)].set_index("result")
+    assert list(fc64.index) == [report.ROW_OURS, report.ROW_LSH, report.ROW_PAPER, report.ROW_DIFF]
+    # docs/reference.md §6, FCVID 64 bits.
+    assert list(fc64.loc[report.ROW_PAPER, ["mAP@5", "mAP@20", "mAP@40", "mAP@60", "mAP@80", "mAP@100"]]) == [
+        0.524,
+        0.373,
+        0.326,
+        0.301,
+        0.283,
+        0.267,
+    ]
+    for k in report.PAPER_KS:
+        assert fc64.loc[report.ROW_DIFF, f"mAP@{k}"] == pytest.approx(
+            fc64.loc[report.ROW_OURS, f"mAP@{k}"] - fc64.loc[report.ROW_PAPER, f"mAP@{k}"]
+        )
+    assert set(table.loc[table["dataset"] == "YFCC", "result"]) == {report.ROW_OURS, report.ROW_LSH}
+
+
+def test_paper_table_matches_the_reference():
+    assert len(report.PAPER) == 9
+    assert report.PAPER["activitynet", 16] == (0.156, 0.081, 0.050, 0.036, 0.029, 0.024)
+    assert report.PAPER["yfcc", 64] == (0.369, 0.195, 0.158, 0.144, 0.135, 0.130)
+    for values in report.PAPER.values():  # mAP@K falls with K in the paper's table
+        assert list(values) == sorted(values, reverse=True)
+
+
+def test_report_leaves_missing_ks_empty(tmp_path):
+    table = report.build_table(_long(tmp_path, [("fcvid", 16)], ks=(5, 20)), {"fcvid": "real"})
+    assert [c for c in table.columns if c.startswith("mAP@")] == ["mAP@5", "mAP@20"]
+    md = report.to_markdown(table)
+    assert "+0." in md or "-0." in md  # differences are signed
+
+
+def test_paper_table_csv_is_the_table_of_docs_reference():
+    doc = (ROOT / "docs" / "reference.md").read_text(encoding="utf-8")
+    for (dataset, bits), values in report.PAPER.items():
+        assert any(str(bits) in line and all(f"{v:.3f}" in line for v in values) for line in doc.splitlines()), (
+            dataset,
+            bits,
+        )
+
+
+def test_report_writes_tables_figures_metrics_and_plots(tmp_path):
+    raw = raw_config()
+    raw.update(datasets=["activitynet"], bits=[16, 64])
+    raw["paths"] = {k: str(tmp_path / k) for k in ("data", "work", "results", "logs")}
+    cfg = settings.check_config(raw)
+    lay = Layout.of(cfg)
+    for d, b in settings.runs(cfg):
+        for method, value in (("conmh", 0.5), ("lsh", 0.2)):
+            path = Path(lay.metrics(method, d, b))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(_metrics(d, method, b, value)))
+    log = Path(lay.train_log("activitynet", 16))
+    log.parent.mkdir(parents=True)
+    log.write_text(
+        "".join(
+            json.dumps({"epoch": e, "loss": 3 - e / 10, "recon": 1.0, "contrast": 2 - e / 10}) + "\n" for e in (1, 2, 3)
+        )
+    )
+    assert steps.report(cfg) == 0
+    out = Path(lay.results)
+    table = pd.read_csv(out / "table.csv")
+    assert len(table) == 4 and set(table["data"]) == {"synthetic"}
+    assert "synthetic" in (out / "table.md").read_text()
+    assert (out / "table.tex").read_text().startswith("\\begin{tabular}")
+    assert sorted(p.relative_to(out / "summary").as_posix() for p in (out / "summary").rglob("*.json")) == [
+        "activitynet/conmh-16bits.json",
+        "activitynet/conmh-64bits.json",
+        "activitynet/lsh-16bits.json",
+        "activitynet/lsh-64bits.json",
+    ]
+    summary = json.loads((out / "summary" / "activitynet" / "conmh-16bits.json").read_text())
+    assert list(summary) == [f"mAP@{k}" for k in (5, 10, 20, 40, 60, 80, 100)]
+    assert summary["mAP@5"] == pytest.approx(0.495)
+    curves = pd.read_csv(out / "plots" / "map_at_k.csv")
+    assert list(curves.columns) == ["dataset", "method", "bits", "k", "mAP"]
+    assert len(curves) == 2 * 2 * 7 and set(curves["dataset"]) == {"ActivityNet (synthetic)"}
+    lsh64 = curves[(curves["method"] == "LSH") & (curves["bits"] == 64)]
+    assert list(lsh64["k"]) == [5, 10, 20, 40, 60, 80, 100]
+    assert list(lsh64["mAP"]) == pytest.approx([0.2 - k / 1000 for k in (5, 10, 20, 40, 60, 80, 100)])
+    for name in ("map_at_k.png", "ours_vs_paper.png", "loss_curves.png"):
+        assert (out / "figures" / name).read_bytes()[:4] == b"\x89PNG"
