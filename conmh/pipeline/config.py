@@ -24,7 +24,16 @@ METHODS = ("conmh", "lsh")
 
 
 def load_schema() -> dict:
-    return yaml.safe_load(SCHEMA_PATH.read_text(encoding="utf-8"))
+    """config.schema.yaml with the names it takes from the package: datasets and presets."""
+    from ..datasets import DATASETS
+    from ..presets import PRESETS
+
+    schema = yaml.safe_load(SCHEMA_PATH.read_text(encoding="utf-8"))
+    schema["$defs"]["dataset_name"]["enum"] = list(DATASETS)
+    schema["$defs"]["preset_name"]["enum"] = list(PRESETS)
+    schema["properties"].update({d: {"$ref": "#/$defs/dataset"} for d in DATASETS})
+    schema["required"] += list(DATASETS)
+    return schema
 
 
 def _resolve(schema: dict, root: dict) -> dict:

@@ -56,6 +56,17 @@ def test_real_data_trains_with_the_papers_recipe_and_miniatures_with_their_overr
     assert settings.recipe_changes(cfg, "fcvid") == {"epochs": 100}
 
 
+def test_the_schema_takes_datasets_and_presets_from_the_package():
+    from conmh.device import PRECISIONS
+    from conmh.presets import PRESETS
+
+    schema = settings.load_schema()
+    assert schema["$defs"]["dataset_name"]["enum"] == list(DATASETS)
+    assert schema["$defs"]["preset_name"]["enum"] == list(PRESETS)
+    assert schema["properties"]["precision"]["enum"] == list(PRECISIONS)
+    assert set(DATASETS) <= set(schema["required"]) and all(d in schema["properties"] for d in DATASETS)
+
+
 def test_command_line_strings_are_converted_to_schema_types():
     # snakemake --config parses nested values with YAML's BaseLoader: all strings.
     raw = raw_config()
