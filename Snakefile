@@ -19,6 +19,7 @@ from conmh.datasets import DATASETS
 from conmh.errors import ConfigError
 from conmh.pipeline import config as settings
 from conmh.pipeline.paths import Layout
+from conmh.pipeline.report import figures_of
 from conmh.pipeline.training_run import training_code
 
 min_version("9.0")
@@ -64,4 +65,4 @@ report: "workflow/report/workflow.rst"
 rule all:
     default_target: True
     input:
-        list(LAYOUT.report_files().values()),
+        list(LAYOUT.report_files(figures_of(config)).values()),

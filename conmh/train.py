@@ -37,7 +37,15 @@ from tqdm import tqdm
 
 from . import allocator
 from .atomic import atomic_path, write_text_atomic
-from .device import autocast_context, compute_precision, make_batches, plan_data, select_device, set_float32_matmul
+from .device import (
+    autocast_context,
+    compute_precision,
+    device_name,
+    make_batches,
+    plan_data,
+    select_device,
+    set_float32_matmul,
+)
 from .errors import CheckpointError, ConfigError
 from .loader import ResidentBatches, StreamingBatches
 from .losses import debiased_contrastive_loss, gather_frames, two_views
@@ -153,6 +161,8 @@ def train_one_epoch(
         "contrast": mean[2],
         "lr": lr,
         "precision": ctx.precision,
+        "device": device_name(ctx.device),
+        "world_size": ctx.world,
         "seconds": seconds,
         "videos_per_s": videos / seconds if seconds > 0 else None,
     }

@@ -54,16 +54,22 @@ class Layout:
     def summary(self, method: str, dataset: str, bits: Any) -> str:
         return f"{self.results}/summary/{dataset}/{method}-{bits}bits.json"
 
-    def report_files(self) -> dict[str, str]:
+    def report_files(self, figures: tuple[str, ...] = ("map_at_k", "ours_vs_paper", "loss_curves")) -> dict[str, str]:
+        """The report's files; ``figures`` names the figures this run draws (``report.figures_of``)."""
         r = self.results
         return {
             "table_csv": f"{r}/table.csv",
             "table_md": f"{r}/table.md",
             "table_tex": f"{r}/table.tex",
+            "table_html": f"{r}/table.html",
             "curves": f"{r}/plots/map_at_k.csv",
-            "fig_map": f"{r}/figures/map_at_k.png",
-            "fig_paper": f"{r}/figures/ours_vs_paper.png",
-            "fig_loss": f"{r}/figures/loss_curves.png",
+            "loss": f"{r}/plots/loss.csv",
+            "configuration": f"{r}/provenance/configuration.csv",
+            "data": f"{r}/provenance/data.csv",
+            "software": f"{r}/provenance/software.csv",
+            "runtimes": f"{r}/provenance/runtimes.csv",
+            "provenance_html": f"{r}/provenance/index.html",
+            **{f"fig_{name}": f"{r}/figures/{name}.png" for name in figures},
         }
 
     def effective_config(self) -> str:

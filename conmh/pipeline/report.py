@@ -1,7 +1,7 @@
 """The ``report`` step: the paper's table, regenerated, with figures.
 
-Reads the metrics JSON files written by ``conmh evaluate`` and the training
-logs, and writes (under ``paths.results``):
+Reads the metrics JSON files written by ``conmh evaluate``, the training logs
+and the verification reports, and writes (under ``paths.results``):
 
 * ``table.csv`` / ``table.md`` / ``table.tex``: per dataset and code length,
   mAP@5, 20, 40, 60, 80, 100 (the paper's columns) of ConMH and of the LSH
@@ -10,11 +10,17 @@ logs, and writes (under ``paths.results``):
   compared with the paper.
 * ``summary/<dataset>/<method>-<bits>bits.json``: every mAP@K of one run, so
   that ``dvc metrics show`` lists a row per run.
-* ``plots/map_at_k.csv``: the mAP@K curves in long form (dataset, method,
-  bits, k, mAP), drawn by ``dvc plots show`` with ``.dvc/plots/map_at_k.json``.
+* ``plots/map_at_k.csv`` and ``plots/loss.csv``: the mAP@K curves and the
+  training losses in long form, drawn by ``dvc plots show`` with the templates
+  in ``.dvc/plots/``.
+* ``provenance/``: the configuration used, the verified data files (shape,
+  size, sha256), the software versions and machine, and each training run's
+  device, precision and time: the Snakemake report shows them as tables.
 * ``figures/map_at_k.png`` (a panel per dataset, a line per code length, LSH
-  dashed), ``figures/ours_vs_paper.png`` (bars; a placeholder saying why when
-  there are no real-data results) and ``figures/loss_curves.png``.
+  dashed), ``figures/ours_vs_paper.png`` (bars, only when a real dataset is
+  run at the paper's code lengths) and ``figures/loss_curves.png`` (only when
+  a run was trained): a figure with nothing to show is left out, not drawn
+  empty (``figures_of``).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..atomic import atomic_path, write_text_atomic
-from .config import METHODS, released_checkpoint, runs, trained_runs
+from .config import METHODS, is_real, released_checkpoint, runs, trained_runs
 from .paths import Layout
 
 
@@ -171,15 +177,21 @@ def formatted(table: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def to_markdown(table: pd.DataFrame) -> str:
-    shown = formatted(table)
-    align = ["left", "left", "right", "left"] + ["right"] * (len(shown.columns) - 4)
-    text = shown.to_markdown(index=False, disable_numparse=True, colalign=align)
+def table_notes(table: pd.DataFrame) -> list[str]:
+    """What a reader of the table must know: synthetic rows, paper rows."""
     notes = []
     if (table["data"] == "synthetic").any():
         notes.append(SYNTHETIC_NOTE)
     if (table["data"] == "real").any():
         notes.append("For real datasets, 'ConMH (paper)' is the paper's table and 'ours - paper' the difference.")
+    return notes
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    shown = formatted(table)
+    align = ["left", "left", "right", "left"] + ["right"] * (len(shown.columns) - 4)
+    text = shown.to_markdown(index=False, disable_numparse=True, colalign=align)
+    notes = table_notes(table)
     return text + "\n\n" + "\n\n".join(notes) + ("\n" if notes else "")
 
 
@@ -201,15 +213,6 @@ def write_tables(table: pd.DataFrame, out_dir: Path) -> None:
 def _save(fig, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
-
-
-def _placeholder(path: Path, text: str) -> None:
-    import matplotlib.pyplot as plt
-
-    fig = plt.figure(figsize=(7, 2.2))
-    fig.text(0.5, 0.5, text, ha="center", va="center", wrap=True, fontsize=11)
-    _save(fig, path)
-    plt.close(fig)
 
 
 def _label(dataset: str, sources: dict[str, str]) -> str:
@@ -268,12 +271,7 @@ def figure_paper(long: pd.DataFrame, sources: dict[str, str], path: Path) -> Non
                     {"dataset": DISPLAY[dataset], "bits": f"{bits} bits", "K": k, "who": "paper", "mAP": paper},
                 ]
     if not rows:
-        _placeholder(
-            path,
-            "No real-data results yet: the runs so far use synthetic miniature datasets,\n"
-            "which are never compared with the paper. Set <dataset>.source: real to fill this figure.",
-        )
-        return
+        raise ValueError("no real-data result at the paper's code lengths and K: figures_of() leaves this figure out")
     df = pd.DataFrame(rows)
     grid = sns.catplot(
         data=df,
@@ -299,8 +297,7 @@ def figure_loss(logs: pd.DataFrame, sources: dict[str, str], path: Path) -> None
     import seaborn as sns
 
     if logs.empty:
-        _placeholder(path, "No training logs: every run used a released checkpoint.")
-        return
+        raise ValueError("no training logs: figures_of() leaves this figure out")
     parts = [c for c in ("loss", "recon", "contrast") if c in logs.columns]
     df = logs.melt(id_vars=["dataset", "bits", "epoch"], value_vars=parts, var_name="term", value_name="value")
     df["panel"] = [_label(d, sources) for d in df["dataset"]]
@@ -331,27 +328,185 @@ def figure_loss(logs: pd.DataFrame, sources: dict[str, str], path: Path) -> None
     plt.close(grid.figure)
 
 
+# --------------------------------------------------------------------------- provenance
+
+
+def figures_of(cfg: dict) -> tuple[str, ...]:
+    """The figures a run draws. A figure with nothing to show is left out (the report says why):
+    ours_vs_paper needs a real dataset at one of the paper's code lengths and K values; loss_curves
+    needs a trained run."""
+    compared = any(is_real(cfg, d) and (d, b) in PAPER and set(cfg["ks"]) & set(PAPER_KS) for d, b in runs(cfg))
+    return ("map_at_k",) + (("ours_vs_paper",) if compared else ()) + (("loss_curves",) if trained_runs(cfg) else ())
+
+
+def loss_table(logs: pd.DataFrame, sources: dict[str, str]) -> pd.DataFrame:
+    """The training losses in long form (for ``dvc plots``): dataset, bits, epoch, loss, recon, contrast."""
+    columns = ["dataset", "bits", "epoch", "loss", "recon", "contrast"]
+    if logs.empty:
+        return pd.DataFrame(columns=columns)
+    df = logs.assign(dataset=[_label(d, sources) for d in logs["dataset"]])
+    return df[columns].sort_values(["dataset", "bits", "epoch"], kind="stable")
+
+
+def configuration_table(cfg: dict) -> pd.DataFrame:
+    """The configuration the run used, one row per leaf key ("fcvid.recipe.epochs")."""
+
+    def leaves(node: object, prefix: str) -> list[tuple[str, str]]:
+        if isinstance(node, dict) and node:
+            return [pair for key, value in node.items() for pair in leaves(value, f"{prefix}{key}.")]
+        return [(prefix.rstrip("."), node if isinstance(node, str) else json.dumps(node))]
+
+    return pd.DataFrame(leaves(cfg, ""), columns=["key", "value"])
+
+
+def data_table(cfg: dict) -> pd.DataFrame:
+    """What ``verify`` checked: every file of every dataset, with its shape, size and sha256."""
+    lay = Layout.of(cfg)
+    rows = []
+    for d in cfg["datasets"]:
+        report = json.loads(Path(lay.verify_report(d)).read_text(encoding="utf-8"))
+        manifest = json.loads(Path(lay.manifest(d)).read_text(encoding="utf-8"))
+        sizes = {f["file"]: f.get("bytes") for f in manifest.get("files", [])}
+        for f in report["files"]:
+            shape = "x".join(str(n) for n in f.get("shape", []))
+            rows.append(
+                {
+                    "dataset": d,
+                    "source": cfg[d]["source"],
+                    "folder": report.get("data_dir", ""),
+                    "file": f["file"],
+                    "key": f.get("key", ""),
+                    "shape": shape,
+                    "dtype": f.get("dtype", ""),
+                    "bytes": sizes.get(f["file"]),
+                    "sha256": f.get("sha256", "not computed"),
+                }
+            )
+    return pd.DataFrame(
+        rows, columns=["dataset", "source", "folder", "file", "key", "shape", "dtype", "bytes", "sha256"]
+    )
+
+
+def software_table() -> pd.DataFrame:
+    """Versions of what made the results, and the machine that wrote the report."""
+    import platform
+    from importlib import metadata
+
+    from ..device import cpu_model
+
+    rows = [("python", platform.python_version()), ("platform", platform.platform()), ("cpu", cpu_model())]
+    for name in ("conmh", "torch", "numpy", "scipy", "h5py", "pandas", "matplotlib", "seaborn", "snakemake", "dvc"):
+        try:
+            rows.append((name, metadata.version(name)))
+        except metadata.PackageNotFoundError:
+            rows.append((name, "not installed"))
+    return pd.DataFrame(rows, columns=["component", "version"])
+
+
+def runtimes_table(logs: pd.DataFrame) -> pd.DataFrame:
+    """Per trained run: where it trained, in which precision, how long, how fast (from its training log;
+    what an older log did not record shows as missing)."""
+    columns = ["dataset", "bits", "device", "processes", "precision", "epochs", "train_seconds", "videos_per_s"]
+    if logs.empty:
+        return pd.DataFrame(columns=columns)
+    logs = logs.reindex(
+        columns=sorted(set(logs.columns) | {"device", "world_size", "precision", "seconds", "videos_per_s"})
+    )
+    rows = []
+    for (dataset, bits), run in logs.groupby(["dataset", "bits"], sort=False):
+        last = run.iloc[-1]
+        rows.append(
+            {
+                "dataset": dataset,
+                "bits": int(bits),
+                "device": last["device"],
+                "processes": last["world_size"],
+                "precision": last["precision"],
+                "epochs": int(run["epoch"].max()),
+                "train_seconds": round(float(run["seconds"].sum()), 1),
+                "videos_per_s": round(float(run["videos_per_s"].mean()), 1),
+            }
+        )
+    return pd.DataFrame(rows, columns=columns)
+
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 1.5em; color: #1e293b; }}
+h1 {{ font-size: 1.3em; }} h2 {{ font-size: 1.1em; margin-top: 1.6em; }}
+p {{ max-width: 60em; }}
+table {{ border-collapse: collapse; font-size: 0.9em; }}
+th, td {{ padding: 0.25em 0.7em; border-bottom: 1px solid #e2e8f0; text-align: left; }}
+th {{ background: #f1f5f9; }} td {{ font-variant-numeric: tabular-nums; overflow-wrap: anywhere; }}
+</style></head>
+<body><h1>{title}</h1>
+{body}
+</body></html>
+"""
+
+
+def html_page(title: str, sections: list[tuple[str, str, pd.DataFrame]]) -> str:
+    """One HTML page of tables (heading, a sentence, the table): the Snakemake report shows HTML inline,
+    while it only offers CSV files for download."""
+    from html import escape
+
+    body = "\n".join(
+        (f"<h2>{escape(heading)}</h2>\n" if heading else "")
+        + (f"<p>{escape(text)}</p>\n" if text else "")
+        + table.to_html(index=False, border=0, na_rep="-", escape=True)
+        for heading, text, table in sections
+    )
+    return _PAGE.format(title=escape(title), body=body)
+
+
 # --------------------------------------------------------------------------- the step
 
 
 def write_report(cfg: dict) -> None:
-    """Every report file of the configured runs (Layout.report_files, the summaries), from their metrics
-    and training logs."""
+    """Every report file of the configured runs (Layout.report_files, the summaries), from their metrics,
+    training logs and verification reports."""
     import matplotlib
 
     matplotlib.use("Agg")
     lay = Layout.of(cfg)
+    files = {name: Path(path) for name, path in lay.report_files(figures_of(cfg)).items()}
     sources = {d: cfg[d]["source"] for d in cfg["datasets"]}
     released = {(d, b) for d, b in runs(cfg) if released_checkpoint(cfg, d, b) is not None}
-    logs = {(d, b): Path(lay.train_log(d, b)) for d, b in trained_runs(cfg)}
+    logs = load_logs({(d, b): Path(lay.train_log(d, b)) for d, b in trained_runs(cfg)})
     long = load_metrics([Path(lay.metrics(m, d, b)) for d, b in runs(cfg) for m in METHODS])
     table = build_table(long, sources, released)
-    out = Path(lay.results)
-    write_tables(table, out)
+    write_tables(table, Path(lay.results))
     for run, values in summary(long).items():
-        write_text_atomic(out / "summary" / f"{run}.json", json.dumps(values, indent=1) + "\n")
-    write_text_atomic(out / "plots" / "map_at_k.csv", curves(long, sources).to_csv(index=False, float_format="%.6f"))
-    figure_map(long, sources, out / "figures" / "map_at_k.png")
-    figure_paper(long, sources, out / "figures" / "ours_vs_paper.png")
-    figure_loss(load_logs(logs), sources, out / "figures" / "loss_curves.png")
+        write_text_atomic(Path(lay.results) / "summary" / f"{run}.json", json.dumps(values, indent=1) + "\n")
+    csv = {"float_format": "%.6f", "index": False}
+    write_text_atomic(files["curves"], curves(long, sources).to_csv(**csv))
+    write_text_atomic(files["loss"], loss_table(logs, sources).to_csv(**csv))
+    provenance = {
+        "runtimes": (
+            "Training runs",
+            "Device, processes, precision, epochs and time of each trained run.",
+            runtimes_table(logs),
+        ),
+        "data": ("Data", "Every file the verify step checked.", data_table(cfg)),
+        "software": (
+            "Software and machine",
+            "What made these results, and the machine that wrote this page.",
+            software_table(),
+        ),
+        "configuration": (
+            "Configuration",
+            "config.yaml with any --config values applied, one row per key.",
+            configuration_table(cfg),
+        ),
+    }
+    for name, (_, _, frame) in provenance.items():
+        write_text_atomic(files[name], frame.to_csv(index=False))
+    write_text_atomic(files["provenance_html"], html_page("How these results were made", list(provenance.values())))
+    write_text_atomic(files["table_html"], html_page("mAP@K", [("", " ".join(table_notes(table)), formatted(table))]))
+    figure_map(long, sources, files["fig_map_at_k"])
+    if "fig_ours_vs_paper" in files:
+        figure_paper(long, sources, files["fig_ours_vs_paper"])
+    if "fig_loss_curves" in files:
+        figure_loss(logs, sources, files["fig_loss_curves"])
     print(to_markdown(table))

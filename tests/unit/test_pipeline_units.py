@@ -669,15 +669,61 @@ def test_report_writes_tables_figures_metrics_and_plots(tmp_path):
             path = Path(lay.metrics(method, d, b))
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(_metrics(d, method, b, value)))
-    log = Path(lay.train_log("activitynet", 16))
-    log.parent.mkdir(parents=True)
-    log.write_text(
-        "".join(
-            json.dumps({"epoch": e, "loss": 3 - e / 10, "recon": 1.0, "contrast": 2 - e / 10}) + "\n" for e in (1, 2, 3)
+    for b in (16, 64):
+        log = Path(lay.train_log("activitynet", b))
+        log.parent.mkdir(parents=True, exist_ok=True)
+        entries = [
+            {
+                "epoch": e,
+                "loss": 3 - e / 10,
+                "recon": 1.0,
+                "contrast": 2 - e / 10,
+                "precision": "fp32",
+                "device": "cpu (Test CPU)",
+                "world_size": 1,
+                "seconds": 2.0,
+                "videos_per_s": 50.0,
+            }
+            for e in (1, 2, 3)
+        ]
+        log.write_text("".join(json.dumps(e) + "\n" for e in entries))
+    verified = Path(lay.verify_report("activitynet"))
+    verified.parent.mkdir(parents=True)
+    verified.write_text(
+        json.dumps(
+            {
+                "data_dir": "data/miniature/activitynet",
+                "files": [
+                    {
+                        "file": "train_feats.h5",
+                        "key": "feats",
+                        "shape": [6, 30, 8],
+                        "dtype": "float32",
+                        "sha256": "ab" * 32,
+                    }
+                ],
+            }
         )
     )
+    Path(lay.manifest("activitynet")).write_text(json.dumps({"files": [{"file": "train_feats.h5", "bytes": 7}]}))
     assert steps.report(cfg) == 0
     out = Path(lay.results)
+    # How it was made: each table as CSV, and all of them on one HTML page for the Snakemake report.
+    runtimes = pd.read_csv(out / "provenance" / "runtimes.csv")
+    assert runtimes[["bits", "device", "epochs", "train_seconds"]].values.tolist() == [
+        [16, "cpu (Test CPU)", 3, 6.0],
+        [64, "cpu (Test CPU)", 3, 6.0],
+    ]
+    data = pd.read_csv(out / "provenance" / "data.csv")
+    assert data[["file", "shape", "bytes", "sha256"]].values.tolist() == [["train_feats.h5", "6x30x8", 7, "ab" * 32]]
+    configuration = pd.read_csv(out / "provenance" / "configuration.csv").set_index("key")["value"]
+    assert configuration["bits"] == "[16, 64]" and configuration["activitynet.source"] == "miniature"
+    assert set(pd.read_csv(out / "provenance" / "software.csv")["component"]) >= {"python", "conmh", "torch", "cpu"}
+    page = (out / "provenance" / "index.html").read_text()
+    assert all(h in page for h in ("Training runs", "Data", "Software and machine", "Configuration"))
+    assert "ConMH (ours)" in (out / "table.html").read_text()
+    loss = pd.read_csv(out / "plots" / "loss.csv")
+    assert list(loss.columns) == ["dataset", "bits", "epoch", "loss", "recon", "contrast"] and len(loss) == 6
     table = pd.read_csv(out / "table.csv")
     assert len(table) == 4 and set(table["data"]) == {"synthetic"}
     assert "synthetic" in (out / "table.md").read_text()
@@ -697,5 +743,18 @@ def test_report_writes_tables_figures_metrics_and_plots(tmp_path):
     lsh64 = curves[(curves["method"] == "LSH") & (curves["bits"] == 64)]
     assert list(lsh64["k"]) == [5, 10, 20, 40, 60, 80, 100]
     assert list(lsh64["mAP"]) == pytest.approx([0.2 - k / 1000 for k in (5, 10, 20, 40, 60, 80, 100)])
-    for name in ("map_at_k.png", "ours_vs_paper.png", "loss_curves.png"):
+    # No real dataset: no comparison with the paper, and no figure drawn empty to say so.
+    assert sorted(p.name for p in (out / "figures").iterdir()) == ["loss_curves.png", "map_at_k.png"]
+    for name in ("map_at_k.png", "loss_curves.png"):
         assert (out / "figures" / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_figure_with_nothing_to_show_is_left_out(cfg):
+    assert report.figures_of(cfg) == ("map_at_k", "loss_curves")  # miniatures only
+    cfg["yfcc"]["source"] = "real"
+    assert report.figures_of(cfg) == ("map_at_k", "ours_vs_paper", "loss_curves")
+    cfg["bits"] = [128]  # no paper numbers at 128 bits
+    assert report.figures_of(cfg) == ("map_at_k", "loss_curves")
+    cfg["bits"] = [64]
+    cfg["checkpoints"] = {d: {"64": f"/m/{d}.pth"} for d in DATASETS}  # nothing trained
+    assert report.figures_of(cfg) == ("map_at_k", "ours_vs_paper")

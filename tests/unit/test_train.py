@@ -192,7 +192,8 @@ def test_log_schedule_and_loss_decrease(uninterrupted: Path) -> None:
     log = [json.loads(line) for line in (uninterrupted / LOG).read_text().splitlines()]
     assert [e["lr"] for e in log] == [1e-3, 5e-4, 3e-4, 3e-4]  # step 1, gamma 0.5, floor 3e-4
     for e in log:
-        assert set(e) >= {"epoch", "loss", "recon", "contrast", "lr", "seconds", "videos_per_s"}
+        assert set(e) >= {"epoch", "loss", "recon", "contrast", "lr", "seconds", "videos_per_s", "device", "world_size"}
+        assert e["device"].startswith("cpu") and e["world_size"] == 1
         assert e["loss"] == pytest.approx(e["recon"] + RECIPE.alpha * e["contrast"], rel=1e-6)
         assert e["videos_per_s"] > 0
     assert log[-1]["loss"] < log[0]["loss"]

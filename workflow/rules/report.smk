@@ -1,24 +1,34 @@
-# The paper's table (CSV, Markdown, LaTeX), metrics for DVC, and figures.
+# The paper's table (CSV, Markdown, LaTeX), metrics and plots for DVC, provenance
+# tables and figures; a figure with nothing to show is left out (report.figures_of).
 
-_REPORT = LAYOUT.report_files()
+FIGURES = figures_of(config)
+_REPORT = LAYOUT.report_files(FIGURES)
 
 
 rule report:
     input:
         metrics=[LAYOUT.metrics(m, d, b) for d, b in settings.runs(config) for m in settings.METHODS],
         train_logs=[LAYOUT.train_log(d, b) for d, b in settings.trained_runs(config)],
+        verified=[LAYOUT.verify_report(d) for d in config["datasets"]],
+        manifests=[LAYOUT.manifest(d) for d in config["datasets"]],
     output:
-        table_csv=report(_REPORT["table_csv"], caption="../report/table.rst", category="Table"),
+        table_html=report(_REPORT["table_html"], caption="../report/table.rst", category="1. Table"),
+        table_csv=_REPORT["table_csv"],
         table_md=_REPORT["table_md"],
         table_tex=_REPORT["table_tex"],
         curves=_REPORT["curves"],
-        fig_map=report(_REPORT["fig_map"], caption="../report/map_at_k.rst", category="Figures"),
-        fig_paper=report(
-            _REPORT["fig_paper"],
-            caption="../report/ours_vs_paper.rst",
-            category="Figures",
+        loss=_REPORT["loss"],
+        figures=[
+            report(_REPORT[f"fig_{name}"], caption=f"../report/{name}.rst", category="2. Figures")
+            for name in FIGURES
+        ],
+        provenance=report(
+            _REPORT["provenance_html"], caption="../report/provenance.rst", category="3. How it was made"
         ),
-        fig_loss=report(_REPORT["fig_loss"], caption="../report/loss_curves.rst", category="Figures"),
+        configuration=_REPORT["configuration"],
+        data=_REPORT["data"],
+        software=_REPORT["software"],
+        runtimes=_REPORT["runtimes"],
         summary=[LAYOUT.summary(m, d, b) for d, b in settings.runs(config) for m in settings.METHODS],
     log:
         LAYOUT.log("report", "report"),
