@@ -47,11 +47,18 @@ def srun_env(env: dict[str, str]) -> dict[str, str]:
 
 
 def launch_command(cmd: list[str], nproc_per_node: int, nnodes: int, env: dict[str, str]) -> list[str]:
-    """``cmd`` (``conmh train ...``) as it is started for ``nnodes`` x ``nproc_per_node`` processes."""
+    """``cmd`` (``conmh ...``) as it is started for ``nnodes`` x ``nproc_per_node`` processes.
+
+    Always as ``python -m conmh``, which imports ``conmh`` from the current folder
+    first: a DVC experiment (``dvc exp run --temp`` or ``--queue``) runs in its own
+    copy of the repository and so trains with its own copy of the code.
+    """
     if nproc_per_node < 1 or nnodes < 1:
         raise LaunchError(f"nproc_per_node and nnodes must be >= 1, got {nproc_per_node} and {nnodes}")
+    if cmd[:1] != ["conmh"]:
+        raise LaunchError(f"only conmh commands are launched, not {cmd[0]}")
     if nproc_per_node * nnodes == 1:
-        return cmd
+        return [sys.executable, "-m", "conmh", *cmd[1:]]
     if cmd[:2] != ["conmh", "train"]:
         raise LaunchError(f"only `conmh train` runs data-parallel, not {' '.join(cmd[:2])}")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc_per_node)]

@@ -247,7 +247,8 @@ def test_the_html_report_reads_well_in_a_browser(snakemake_run, tmp_path):
     from playwright.sync_api import sync_playwright
 
     def open_entry(page, category: str, name: str) -> str:
-        """Click the category, then the eye of the file; the text of the page it shows."""
+        """From the start page, click the category, then the eye of the file; the text of the page it shows."""
+        page.goto(report.as_uri())
         page.get_by_text(category, exact=True).first.click()
         page.locator("tr", has_text=name).first.locator("a").first.click()
         page.wait_for_timeout(500)
@@ -265,6 +266,7 @@ def test_the_html_report_reads_well_in_a_browser(snakemake_run, tmp_path):
         ]
         table = open_entry(page, "1. Table", "table.html")
         assert table.count("ConMH (ours)") == 9 and "never compared" in table
+        page.goto(report.as_uri())
         page.get_by_text("2. Figures", exact=True).first.click()
         figures = page.inner_text("body")
         assert "map_at_k.png" in figures and "loss_curves.png" in figures and "ours_vs_paper.png" not in figures

@@ -211,7 +211,10 @@ def test_dvc_yaml_runs_the_same_steps_and_names_the_training_code():
     assert set(dvc["stages"]) == set(STEPS)
     assert dvc["vars"] == ["config.yaml"]
     for name, stage in dvc["stages"].items():
-        assert stage["cmd"].startswith(f"conmh pipeline {name} ") or stage["cmd"] == "conmh pipeline report"
+        # python -m conmh: an experiment runs its own copy of the code
+        assert stage["cmd"].startswith(f"python -m conmh pipeline {name} ") or stage["cmd"] == (
+            "python -m conmh pipeline report"
+        )
     train_deps = {d for d in dvc["stages"]["train"]["deps"] if d.startswith("conmh/")}
     assert train_deps == {f"conmh/{name}" for name in training_run.TRAINING_CODE}
 
@@ -298,7 +301,7 @@ def test_no_gpu_means_no_lock(tmp_path):
 
 def test_launch_one_node_is_torchrun_standalone():
     cmd = ["conmh", "train", "--dataset", "fcvid", "--threads", "4"]
-    assert launch.launch_command(cmd, 1, 1, {}) == cmd
+    assert launch.launch_command(cmd, 1, 1, {}) == [sys.executable, "-m", "conmh", *cmd[1:]]
     assert launch.launch_command(cmd, 4, 1, {}) == [
         sys.executable,
         "-m",
