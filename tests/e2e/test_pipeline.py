@@ -326,3 +326,24 @@ def test_dvc_repro_in_a_fresh_clone_gives_the_same_results(snakemake_run, tmp_pa
     assert plots.returncode == 0 and "errors" not in json.loads(plots.stdout), output(plots)
     drawn = json.loads(plots.stdout)["data"]["results/plots/map_at_k.csv"][0]["content"]["data"]["values"]
     assert len(drawn) == 18 * 7
+    losses = json.loads(plots.stdout)["data"]["results/plots/loss.csv"][0]["content"]["data"]["values"]
+    assert len(losses) == 9 * 3  # a point per trained run and epoch
+
+    # A temporary experiment with another LSH seed runs in its own copy: its LSH metrics change, its
+    # ConMH metrics do not, and the workspace is untouched.
+    def files() -> dict[Path, bytes]:
+        return {p: p.read_bytes() for p in (clone / "results").rglob("*") if p.is_file()}
+
+    before = files()
+    proc = run(["dvc", "exp", "run", "--temp", "-S", "config.yaml:lsh_seed=2"], clone, timeout=900)
+    assert proc.returncode == 0, output(proc)[-5000:]
+    assert files() == before
+    shown = run(["dvc", "exp", "show", "--json"], clone)
+    assert shown.returncode == 0, output(shown)
+    revisions = json.loads(shown.stdout)
+    (exp,) = [rev for entry in revisions for e in entry.get("experiments") or [] for rev in e["revs"]]
+    assert exp["data"]["params"]["config.yaml"]["data"]["lsh_seed"] == 2
+    base, changed = revisions[0]["data"]["metrics"], exp["data"]["metrics"]
+    for name in base:
+        same = base[name]["data"] == changed[name]["data"]
+        assert same == ("/conmh-" in name), name
