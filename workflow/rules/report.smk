@@ -19,12 +19,9 @@ rule report:
         curves=_REPORT["curves"],
         loss=_REPORT["loss"],
         figures=[
-            report(_REPORT[f"fig_{name}"], caption=f"../report/{name}.rst", category="2. Figures")
-            for name in FIGURES
+            report(_REPORT[f"fig_{name}"], caption=f"../report/{name}.rst", category="2. Figures") for name in FIGURES
         ],
-        provenance=report(
-            _REPORT["provenance_html"], caption="../report/provenance.rst", category="3. How it was made"
-        ),
+        provenance=report(_REPORT["provenance_html"], caption="../report/provenance.rst", category="3. How it was made"),
         configuration=_REPORT["configuration"],
         data=_REPORT["data"],
         software=_REPORT["software"],
