@@ -76,6 +76,7 @@ from conmh.device import IN_MEMORY_LIMIT_BYTES
 from conmh.pipeline import steps
 from conmh.pipeline.config import METHODS, check_config, load_config, recipe_changes
 from conmh.pipeline.paths import Layout
+from conmh.pipeline.report import figures_of
 from conmh.recipes import Recipe, get_recipe
 from conmh.synthetic import RELEASE_CLASSES, release_spec
 
@@ -322,7 +323,9 @@ def jobs(cfg: dict, config: Path, out: Path, kind: str, scale: float, seed: int,
                 lay.log("evaluate", f"lsh-{d}-{BITS}bits"),
             ),
         ]
-    report = list(lay.report_files().values()) + [lay.summary(m, d, BITS) for d in cfg["datasets"] for m in METHODS]
+    report = list(lay.report_files(figures_of(cfg)).values()) + [
+        lay.summary(m, d, BITS) for d in cfg["datasets"] for m in METHODS
+    ]
     todo.append(Step("report", "all", step_command("report", config), report, lay.log("report", "report")))
     return todo
 
