@@ -43,11 +43,12 @@ def paper_table() -> pd.DataFrame:
     return pd.read_csv(StringIO(text))
 
 
-_PAPER_COLUMNS = [c for c in paper_table().columns if c.startswith("mAP@")]
+_PAPER_TABLE = paper_table()
+_PAPER_COLUMNS = [c for c in _PAPER_TABLE.columns if c.startswith("mAP@")]
 PAPER_KS = tuple(int(c.removeprefix("mAP@")) for c in _PAPER_COLUMNS)
 PAPER: dict[tuple[str, int], tuple[float, ...]] = {
     (dataset, int(bits)): tuple(float(v) for v in values)
-    for dataset, bits, *values in paper_table()[["dataset", "bits", *_PAPER_COLUMNS]].itertuples(index=False)
+    for dataset, bits, *values in _PAPER_TABLE[["dataset", "bits", *_PAPER_COLUMNS]].itertuples(index=False)
 }
 DISPLAY = {"fcvid": "FCVID", "activitynet": "ActivityNet", "yfcc": "YFCC"}
 METHOD_DISPLAY = {"conmh": "ConMH", "lsh": "LSH"}
@@ -140,13 +141,11 @@ def build_table(
     return pd.DataFrame(rows, columns=["dataset", "data", "bits", "result", *map(col, ks)])
 
 
-def summary(long: pd.DataFrame) -> dict[str, dict[str, float]]:
-    """{"<dataset>/<method>-<bits>bits": {"mAP@K": value}}: one small metrics file per run."""
-    out: dict[str, dict[str, float]] = {}
+def summary(long: pd.DataFrame) -> dict[tuple[str, str, int], dict[str, float]]:
+    """{(dataset, method, bits): {"mAP@K": value}}: one small metrics file per run (Layout.summary)."""
+    out: dict[tuple[str, str, int], dict[str, float]] = {}
     for (dataset, method, bits), group in long.sort_values("k").groupby(["dataset", "method", "bits"]):
-        out[f"{dataset}/{method}-{bits}bits"] = {
-            col(int(k)): round(float(v), 6) for k, v in zip(group["k"], group["map"])
-        }
+        out[dataset, method, int(bits)] = {col(int(k)): round(float(v), 6) for k, v in zip(group["k"], group["map"])}
     return out
 
 
@@ -199,12 +198,6 @@ def to_latex(table: pd.DataFrame) -> str:
     shown = formatted(table).replace({"-": "--"})
     maps = [c for c in table.columns if c.startswith("mAP@")]
     return shown.style.hide(axis="index").to_latex(hrules=True, column_format="lllr" + "r" * len(maps))
-
-
-def write_tables(table: pd.DataFrame, out_dir: Path) -> None:
-    write_text_atomic(out_dir / "table.csv", table.to_csv(index=False, float_format="%.6f"))
-    write_text_atomic(out_dir / "table.md", to_markdown(table))
-    write_text_atomic(out_dir / "table.tex", to_latex(table))
 
 
 # --------------------------------------------------------------------------- figures
@@ -476,10 +469,13 @@ def write_report(cfg: dict) -> None:
     logs = load_logs({(d, b): Path(lay.train_log(d, b)) for d, b in trained_runs(cfg)})
     long = load_metrics([Path(lay.metrics(m, d, b)) for d, b in runs(cfg) for m in METHODS])
     table = build_table(long, sources, released)
-    write_tables(table, Path(lay.results))
-    for run, values in summary(long).items():
-        write_text_atomic(Path(lay.results) / "summary" / f"{run}.json", json.dumps(values, indent=1) + "\n")
+    markdown = to_markdown(table)
     csv = {"float_format": "%.6f", "index": False}
+    write_text_atomic(files["table_csv"], table.to_csv(**csv))
+    write_text_atomic(files["table_md"], markdown)
+    write_text_atomic(files["table_tex"], to_latex(table))
+    for (dataset, method, bits), values in summary(long).items():
+        write_text_atomic(lay.summary(method, dataset, bits), json.dumps(values, indent=1) + "\n")
     write_text_atomic(files["curves"], curves(long, sources).to_csv(**csv))
     write_text_atomic(files["loss"], loss_table(logs, sources).to_csv(**csv))
     provenance = {
@@ -509,4 +505,4 @@ def write_report(cfg: dict) -> None:
         figure_paper(long, sources, files["fig_ours_vs_paper"])
     if "fig_loss_curves" in files:
         figure_loss(logs, sources, files["fig_loss_curves"])
-    print(to_markdown(table))
+    print(markdown)
