@@ -37,6 +37,9 @@ except ConfigError as exc:
 config.clear()
 config.update(_checked)
 LAYOUT = Layout.of(config)
+# The report's files, with only the figures this run has something to show in (report.figures_of).
+FIGURES = figures_of(config)
+REPORT = LAYOUT.report_files(FIGURES)
 CONFIG = LAYOUT.effective_config()
 write_text_if_changed(CONFIG, yaml.safe_dump(config, sort_keys=True))
 
@@ -65,4 +68,4 @@ report: "workflow/report/workflow.rst"
 rule all:
     default_target: True
     input:
-        list(LAYOUT.report_files(figures_of(config)).values()),
+        list(REPORT.values()),

@@ -1,9 +1,6 @@
 # The paper's table (CSV, Markdown, LaTeX), metrics and plots for DVC, provenance
 # tables and figures; a figure with nothing to show is left out (report.figures_of).
 
-FIGURES = figures_of(config)
-_REPORT = LAYOUT.report_files(FIGURES)
-
 
 rule report:
     input:
@@ -12,20 +9,20 @@ rule report:
         verified=[LAYOUT.verify_report(d) for d in config["datasets"]],
         manifests=[LAYOUT.manifest(d) for d in config["datasets"]],
     output:
-        table_html=report(_REPORT["table_html"], caption="../report/table.rst", category="1. Table"),
-        table_csv=_REPORT["table_csv"],
-        table_md=_REPORT["table_md"],
-        table_tex=_REPORT["table_tex"],
-        curves=_REPORT["curves"],
-        loss=_REPORT["loss"],
+        table_html=report(REPORT["table_html"], caption="../report/table.rst", category="1. Table"),
+        table_csv=REPORT["table_csv"],
+        table_md=REPORT["table_md"],
+        table_tex=REPORT["table_tex"],
+        curves=REPORT["curves"],
+        loss=REPORT["loss"],
         figures=[
-            report(_REPORT[f"fig_{name}"], caption=f"../report/{name}.rst", category="2. Figures") for name in FIGURES
+            report(REPORT[f"fig_{name}"], caption=f"../report/{name}.rst", category="2. Figures") for name in FIGURES
         ],
-        provenance=report(_REPORT["provenance_html"], caption="../report/provenance.rst", category="3. How it was made"),
-        configuration=_REPORT["configuration"],
-        data=_REPORT["data"],
-        software=_REPORT["software"],
-        runtimes=_REPORT["runtimes"],
+        provenance=report(REPORT["provenance_html"], caption="../report/provenance.rst", category="3. How it was made"),
+        configuration=REPORT["configuration"],
+        data=REPORT["data"],
+        software=REPORT["software"],
+        runtimes=REPORT["runtimes"],
         summary=[LAYOUT.summary(m, d, b) for d, b in settings.runs(config) for m in settings.METHODS],
     log:
         LAYOUT.log("report", "report"),
