@@ -342,14 +342,15 @@ def loss_table(logs: pd.DataFrame, sources: dict[str, str]) -> pd.DataFrame:
 
 
 def configuration_table(cfg: dict) -> pd.DataFrame:
-    """The configuration the run used, one row per leaf key ("fcvid.recipe.epochs")."""
+    """The configuration the run used, one row per leaf key ("fcvid.recipe.epochs"), sorted by key: the
+    same table whether the run read config.yaml (DVC) or Snakemake's checked copy of it."""
 
     def leaves(node: object, prefix: str) -> list[tuple[str, str]]:
         if isinstance(node, dict) and node:
             return [pair for key, value in node.items() for pair in leaves(value, f"{prefix}{key}.")]
         return [(prefix.rstrip("."), node if isinstance(node, str) else json.dumps(node))]
 
-    return pd.DataFrame(leaves(cfg, ""), columns=["key", "value"])
+    return pd.DataFrame(sorted(leaves(cfg, "")), columns=["key", "value"])
 
 
 def data_table(cfg: dict) -> pd.DataFrame:
