@@ -10,11 +10,9 @@ dvc.yaml stage does, so the two engines cannot drift apart.
 
 from pathlib import Path
 
-import yaml
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version
 
-from conmh.atomic import write_text_if_changed
 from conmh.datasets import DATASETS
 from conmh.errors import ConfigError
 from conmh.pipeline import config as settings
@@ -40,8 +38,7 @@ LAYOUT = Layout.of(config)
 # The report's files, with only the figures this run has something to show in (report.figures_of).
 FIGURES = figures_of(config)
 REPORT = LAYOUT.report_files(FIGURES)
-CONFIG = LAYOUT.effective_config()
-write_text_if_changed(CONFIG, yaml.safe_dump(config, sort_keys=True))
+CONFIG = settings.write_effective_config(config)
 
 # A released checkpoint that is not there must stop the run: with earlier outputs
 # in place Snakemake would otherwise see nothing to do and keep stale results.

@@ -74,7 +74,7 @@ from conmh.atomic import write_text_atomic
 from conmh.datasets import get_layout
 from conmh.device import IN_MEMORY_LIMIT_BYTES
 from conmh.pipeline import steps
-from conmh.pipeline.config import METHODS, check_config, load_config, recipe_changes
+from conmh.pipeline.config import METHODS, check_config, load_config, recipe_changes, write_effective_config
 from conmh.pipeline.paths import Layout
 from conmh.pipeline.report import figures_of
 from conmh.recipes import Recipe, get_recipe
@@ -493,8 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = pipeline_config(out, datasets, kind, args.epochs, args.threads)
     write_text_atomic(out / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
     # The jobs read the checked copy where a Snakemake run of this configuration writes it for its jobs.
-    config = Path(Layout.of(cfg).effective_config())
-    write_text_atomic(config, yaml.safe_dump(cfg, sort_keys=True))
+    config = Path(write_effective_config(cfg))
     dim = TINY["feature_dim"] if kind == "tiny" else None
     specs = {d: asdict(release_spec(d, scale, dim)) for d in datasets}
     info = machine()

@@ -199,6 +199,18 @@ def trained_runs(cfg: dict) -> list[tuple[str, int]]:
     return [(d, b) for d, b in runs(cfg) if released_checkpoint(cfg, d, b) is None]
 
 
+def write_effective_config(cfg: dict) -> str:
+    """Write checked ``cfg`` where a Snakemake run's jobs read it (Layout.effective_config); its path."""
+    import hashlib
+
+    from ..atomic import write_text_if_changed
+
+    text = yaml.safe_dump(cfg, sort_keys=True)
+    path = Layout.of(cfg).effective_config(hashlib.sha256(text.encode()).hexdigest()[:12])
+    write_text_if_changed(path, text)
+    return path
+
+
 def model_for(cfg: dict, dataset: str, bits: Any) -> str:
     """The weights that ``encode`` reads: a released checkpoint, or the pipeline's own model."""
     return released_checkpoint(cfg, dataset, bits) or Layout.of(cfg).model(dataset, bits)

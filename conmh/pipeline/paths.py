@@ -72,9 +72,11 @@ class Layout:
             **{f"fig_{name}": f"{r}/figures/{name}.png" for name in figures},
         }
 
-    def effective_config(self) -> str:
-        """The checked configuration a Snakemake run's jobs read (config.yaml with --config applied)."""
-        return f"{self.logs}/config.yaml"
+    def effective_config(self, digest: str) -> str:
+        """The checked configuration a Snakemake run's jobs read (config.yaml with --config applied), named
+        by its content, so that a run with other --config values (even a dry run) never changes the file
+        the jobs of a run in progress read."""
+        return f"{self.logs}/config-{digest}.yaml"
 
     def log(self, step: str, name: str) -> str:
         return f"{self.logs}/{step}/{name}.log"

@@ -81,9 +81,9 @@ def test_full_paper_dry_run_lists_the_jobs_with_the_paper_recipe_on_gpus(repo, t
         for line in text.splitlines()
         if "conmh pipeline train " in line
     ]
+    (config,) = set(re.findall(r"--config (logs/config-[0-9a-f]{12}\.yaml) ", "\n".join(train)))
     assert sorted(train) == sorted(
-        f"conmh pipeline train --dataset {d} --bits {b} --threads 1 --config logs/config.yaml "
-        f"--log logs/train/{d}-{b}bits.log"
+        f"conmh pipeline train --dataset {d} --bits {b} --threads 1 --config {config} --log logs/train/{d}-{b}bits.log"
         for d in DATASETS
         for b in BITS
     )
@@ -92,7 +92,7 @@ def test_full_paper_dry_run_lists_the_jobs_with_the_paper_recipe_on_gpus(repo, t
     from conmh.pipeline.config import load_config
     from conmh.pipeline.steps import train_command
 
-    cfg = load_config(repo / "logs" / "config.yaml")
+    cfg = load_config(repo / config)
     for d in DATASETS:
         argv = train_command(cfg, d, 64)
         assert "--epochs" not in argv and "--batch-size" not in argv  # conmh train's default: the paper's recipe
@@ -112,7 +112,8 @@ def test_released_checkpoints_skip_training(repo, tmp_path):
     assert dry_run_jobs(proc) == expected_jobs(trained=trained)
     from conmh.pipeline.config import load_config, model_for
 
-    cfg = load_config(repo / "logs" / "config.yaml")
+    (config,) = set(re.findall(r"--config (logs/config-[0-9a-f]{12}\.yaml) ", output(proc)))
+    cfg = load_config(repo / config)
     for b, path in released.items():
         assert model_for(cfg, "fcvid", b) == str(path) and str(path) in output(proc)  # encode's input
 

@@ -67,6 +67,15 @@ def test_the_schema_takes_datasets_and_presets_from_the_package():
     assert set(DATASETS) <= set(schema["required"]) and all(d in schema["properties"] for d in DATASETS)
 
 
+def test_the_jobs_config_is_named_by_its_content(cfg, tmp_path):
+    cfg["paths"] = {k: str(tmp_path / k) for k in ("data", "work", "results", "logs")}
+    first = settings.write_effective_config(cfg)
+    assert settings.write_effective_config(cfg) == first and settings.load_config(first) == cfg
+    other = dict(cfg, lsh_seed=2)  # a run (or a dry run) with other --config values
+    second = settings.write_effective_config(other)
+    assert second != first and settings.load_config(first) == cfg and settings.load_config(second) == other
+
+
 def test_command_line_strings_are_converted_to_schema_types():
     # snakemake --config parses nested values with YAML's BaseLoader: all strings.
     raw = raw_config()
