@@ -5,6 +5,7 @@ step reads the configuration (``config.yaml`` by default) and calls the
 function of the same name in ``conmh.pipeline.steps``::
 
     conmh pipeline download --dataset fcvid
+    conmh pipeline miniature --dataset fcvid   (DVC only)
     conmh pipeline verify   --dataset fcvid
     conmh pipeline train    --dataset fcvid --bits 64 [--threads 8]
     conmh pipeline encode   --dataset fcvid --bits 64 [--threads 8]
@@ -28,9 +29,10 @@ from pathlib import Path
 from ..datasets import DATASETS
 from ..errors import ConMHError
 
-STEPS = ("download", "verify", "train", "encode", "lsh", "evaluate", "report")
+STEPS = ("download", "miniature", "verify", "train", "encode", "lsh", "evaluate", "report")
 NEEDS = {  # the options each step needs
     "download": ("dataset",),
+    "miniature": ("dataset",),
     "verify": ("dataset",),
     "train": ("dataset", "bits"),
     "encode": ("dataset", "bits"),
@@ -87,13 +89,15 @@ def output_to(log: Path) -> Iterator[None]:
 
 def run_step(args: argparse.Namespace) -> int:
     from . import steps
-    from .config import load_config
+    from .config import check_dvc_view, load_config
 
     cfg = load_config(args.config)
+    if os.environ.get("DVC_STAGE"):  # run by `dvc repro` / `dvc exp run`
+        check_dvc_view(cfg, str(args.config))
     step = getattr(steps, args.step)
     if args.step == "report":
         return step(cfg)
-    if args.step in ("download", "verify"):
+    if args.step in ("download", "miniature", "verify"):
         return step(cfg, args.dataset)
     if args.step == "evaluate":
         return step(cfg, args.method, args.dataset, args.bits)

@@ -10,6 +10,7 @@ dataset's ``recipe`` holds only the values the user changes, over
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -214,3 +215,35 @@ def write_effective_config(cfg: dict) -> str:
 def model_for(cfg: dict, dataset: str, bits: Any) -> str:
     """The weights that ``encode`` reads: a released checkpoint, or the pipeline's own model."""
     return released_checkpoint(cfg, dataset, bits) or Layout.of(cfg).model(dataset, bits)
+
+
+# --------------------------------------------------------------------------- DVC's copy of the data folders
+
+
+def dvc_view_problems(cfg: dict) -> list[str]:
+    """How ``dvc_data_dirs`` (dvc.yaml's per-dataset data folders) disagrees with ``datasets`` and the dataset
+    sections; empty when it agrees. DVC cannot interpolate ``${${item.dataset}.data_dir}``, so dvc.yaml's
+    download stages iterate over this copy, and every DVC stage checks it (``conmh pipeline`` under DVC)."""
+    want = {d: data_dir(cfg, d) for d in cfg["datasets"]}
+    have = cfg["dvc_data_dirs"]
+    if set(have) == set(want) and all(os.path.normpath(have[d]) == os.path.normpath(want[d]) for d in want):
+        return []
+    problems = [f"{d}: missing; its files are in {want[d]}" for d in want if d not in have]
+    problems += [f"{d}: not among datasets {cfg['datasets']}; remove it" for d in have if d not in want]
+    problems += [
+        f"{d}: {have[d]}, but its files are in {want[d]} (source: {cfg[d]['source']})"
+        for d in want
+        if d in have and os.path.normpath(have[d]) != os.path.normpath(want[d])
+    ]
+    return problems
+
+
+def check_dvc_view(cfg: dict, source: str = "config.yaml") -> None:
+    """ConfigError with the ``dvc_data_dirs`` to write when it disagrees with the rest of the configuration."""
+    problems = dvc_view_problems(cfg)
+    if problems:
+        wanted = "\n".join(f"  {d}: {data_dir(cfg, d)}" for d in cfg["datasets"])
+        raise ConfigError(
+            f"{source}: dvc_data_dirs, the data folders dvc.yaml's stages depend on, disagrees with the "
+            "configuration:\n" + "\n".join(f"  - {p}" for p in problems) + f"\nSet it to:\ndvc_data_dirs:\n{wanted}"
+        )

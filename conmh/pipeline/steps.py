@@ -72,6 +72,21 @@ def download(cfg: dict, dataset: str) -> int:
     return 0
 
 
+def miniature(cfg: dict, dataset: str) -> int:
+    """Generate the dataset's miniature (DVC only: a cached output that its download stage depends on).
+
+    dvc.yaml runs it for every dataset, as a DVC matrix cannot leave out the real ones;
+    Snakemake's download step generates a miniature itself.
+    """
+    folder = Path(Layout.of(cfg).miniature_dir(dataset))
+    sizes = cfg["miniature"]["sizes"].get(dataset, {})
+    result = fetching.miniature(
+        dataset, folder, Path(Layout.of(cfg).manifest(dataset)), cfg["miniature"]["seed"], sizes
+    )
+    print(f"{dataset}: {len(result['files'])} miniature files in {folder}", file=sys.stderr)
+    return 0
+
+
 def verify(cfg: dict, dataset: str) -> int:
     """Check every file of the dataset against its layout; write the verification report."""
     argv = ["verify", dataset, data_dir(cfg, dataset), "--report", Layout.of(cfg).verify_report(dataset)]

@@ -300,6 +300,8 @@ def test_dvc_repro_in_a_fresh_clone_gives_the_same_results(snakemake_run, tmp_pa
         assert run(cmd, clone).returncode == 0
     proc = run(["dvc", "repro"], clone, timeout=1500)
     assert proc.returncode == 0, output(proc)[-5000:]
+    status = run(["dvc", "status", "--json"], clone)
+    assert status.returncode == 0 and json.loads(status.stdout) == {}, output(status)  # data included
 
     ours, theirs = metrics_of(clone), metrics_of(snakemake_run)
     assert ours.keys() == theirs.keys() and len(ours) == 18
@@ -348,3 +350,20 @@ def test_dvc_repro_in_a_fresh_clone_gives_the_same_results(snakemake_run, tmp_pa
     for name in base:
         same = base[name]["data"] == changed[name]["data"]
         assert same == ("/conmh-" in name), name
+
+    # The data is DVC's too: a changed feature file of one dataset shows as exactly that dataset's
+    # miniature (a cached output) and the download stage that depends on it; the next `dvc repro`
+    # restores the generated file from DVC's cache and runs nothing else.
+    feats = clone / "data" / "miniature" / "yfcc" / "yfcc_train_feats_3.h5"
+    original = feats.read_bytes()
+    with h5py.File(feats, "r+") as fh:
+        fh["feats"][0, 0, 0] += 1
+    status = run(["dvc", "status", "--json"], clone)
+    assert json.loads(status.stdout) == {
+        "miniature@yfcc": [{"changed outs": {"data/miniature/yfcc": "modified"}}],
+        "download@yfcc": [{"changed deps": {"data/miniature/yfcc": "modified"}}],
+    }, output(status)
+    proc = run(["dvc", "repro"], clone)
+    assert proc.returncode == 0 and "Running stage" not in proc.stdout, output(proc)[-5000:]
+    assert feats.read_bytes() == original
+    assert json.loads(run(["dvc", "status", "--json"], clone).stdout) == {}

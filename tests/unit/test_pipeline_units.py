@@ -140,6 +140,33 @@ def test_a_step_refuses_a_bad_config_file(tmp_path, capsys):
     assert "fcvid.recipe.epochs: 0 is less than the minimum of 1" in capsys.readouterr().err
 
 
+def test_dvc_data_dirs_of_the_default_config_agree(cfg):
+    assert settings.dvc_view_problems(cfg) == []
+    assert cfg["dvc_data_dirs"] == {d: f"data/miniature/{d}" for d in DATASETS}
+
+
+def test_dvc_data_dirs_that_disagree_are_refused_under_dvc_with_the_value_to_write(tmp_path, capsys, monkeypatch):
+    raw = raw_config()
+    raw["datasets"] = ["fcvid", "yfcc"]
+    raw["fcvid"].update(source="real", data_dir="/data/fcvid")
+    raw["yfcc"]["data_dir"] = "/data/yfcc"  # not read: yfcc is a miniature
+    raw["dvc_data_dirs"] = {"fcvid": "data/real/fcvid", "activitynet": "data/miniature/activitynet"}
+    cfg = settings.check_config(raw)
+    assert settings.dvc_view_problems(cfg) == [
+        "yfcc: missing; its files are in data/miniature/yfcc",
+        "activitynet: not among datasets ['fcvid', 'yfcc']; remove it",
+        "fcvid: data/real/fcvid, but its files are in /data/fcvid (source: real)",
+    ]
+    bad = tmp_path / "config.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    argv = ["verify", "--dataset", "yfcc", "--config", str(bad)]
+    monkeypatch.setenv("DVC_STAGE", "verify@yfcc")
+    assert pipeline(argv) == 3
+    assert "dvc_data_dirs:\n  fcvid: /data/fcvid\n  yfcc: data/miniature/yfcc" in capsys.readouterr().err
+    raw["dvc_data_dirs"] = {"fcvid": "/data/fcvid/", "yfcc": "data/miniature/yfcc"}
+    assert settings.dvc_view_problems(settings.check_config(raw)) == []  # a trailing slash is the same folder
+
+
 def test_a_step_without_its_dataset_or_bits_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_:
         pipeline(["train", "--dataset", "fcvid"])
@@ -220,6 +247,7 @@ def test_dvc_yaml_runs_the_same_steps_and_names_the_training_code():
     assert set(dvc["stages"]) == set(STEPS)
     assert dvc["vars"] == ["config.yaml"]
     for name, stage in dvc["stages"].items():
+        stage = stage.get("do", stage)  # a foreach stage
         # python -m conmh: an experiment runs its own copy of the code
         assert stage["cmd"].startswith(f"python -m conmh pipeline {name} ") or stage["cmd"] == (
             "python -m conmh pipeline report"
@@ -233,7 +261,8 @@ def test_snakefile_rules_run_the_same_steps():
     from conmh.pipeline.cli import STEPS
 
     for name in STEPS:
-        assert f'"conmh pipeline {name} ' in rules
+        if name != "miniature":  # DVC only: Snakemake's download generates the miniature itself
+            assert f'"conmh pipeline {name} ' in rules
 
 
 def test_a_failing_step_writes_its_log_and_shows_it(tmp_path, capsys):
