@@ -359,7 +359,13 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(f"{codes.dataset} {codes.method} {codes.bits} bits: {summary} ({time.perf_counter() - tic:.1f}s)")
 
 
-COMMANDS = {"verify": cmd_verify, "train": cmd_train, "encode": cmd_encode, "lsh": cmd_lsh, "evaluate": cmd_evaluate}
+COMMANDS = {
+    "verify": cmd_verify,
+    "train": cmd_train,
+    "encode": cmd_encode,
+    "lsh": cmd_lsh,
+    "evaluate": cmd_evaluate,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
