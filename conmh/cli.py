@@ -1,4 +1,4 @@
-"""The ``conmh`` command: train, encode, lsh, evaluate, verify.
+"""The ``conmh`` command: verify, train, encode, lsh, itq, evaluate, search, export.
 
 Exit codes (see ``conmh.errors``): 0 ok, 1 bug, 2 usage, 3 bad input,
 4 missing dataset file. Errors a user can cause print one line, no traceback.
@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .datasets import DATASETS
+from .datasets import DATASETS, LAYOUT_NAMES
 from .errors import ConMHError
 from .metrics import KS
 from .presets import PAPER_PRESET, PRESETS
@@ -62,8 +62,9 @@ def _add_dataset_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dataset",
         required=True,
-        choices=DATASETS,
-        help="which official layout the data folder follows (docs/reference.md §2)",
+        choices=LAYOUT_NAMES,
+        help="which layout the data folder follows: an official release (docs/reference.md §2), "
+        "or generic for features of other videos (docs/generic.md)",
     )
     p.add_argument(
         "--data-dir", required=True, type=Path, help="folder holding the dataset's feature (.h5) and label (.mat) files"
@@ -101,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Check every file of a dataset: keys, shapes, dtypes, frame counts, dims, "
         "label rows, finite values; record each file's sha256.",
     )
-    p.add_argument("dataset", choices=DATASETS, help="dataset layout to check")
+    p.add_argument("dataset", choices=LAYOUT_NAMES, help="dataset layout to check (generic: docs/generic.md)")
     p.add_argument("data_dir", type=Path, help="folder holding the dataset's files")
     p.add_argument(
         "--real",
@@ -213,15 +214,86 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1, help="seed of the random hyperplanes (default: 1)")
 
     p = sub.add_parser(
+        "itq",
+        help="ITQ baseline codes: PCA and iterative quantization of mean-pooled features",
+        epilog=EPILOG,
+        description="Iterative quantization (Gong and Lazebnik, CVPR 2011): fitted on up to 20,000 evenly "
+        "spaced training videos (mean-pooled, centred, PCA to --bits dims, rotated to minimise the "
+        "quantisation loss), then applied to the database and queries. --bits must not exceed the feature dim.",
+    )
+    _add_dataset_args(p)
+    p.add_argument("--bits", required=True, type=_positive_int, help="code length (at most the feature dim)")
+    p.add_argument("--out", required=True, type=Path, help="codes file to write (HDF5)")
+    p.add_argument("--seed", type=int, default=1, help="seed of the random initial rotation (default: 1)")
+    p.add_argument("--iterations", type=int, default=50, help="ITQ iterations (default: 50, as the paper)")
+
+    p = sub.add_parser(
         "evaluate",
         help="mAP@K of a codes file",
         epilog=EPILOG,
         description="Hamming ranking, mAP@K as docs/reference.md §5 defines it; equal distances are "
-        "ranked by ascending database index.",
+        "ranked by ascending database index. The metrics file also holds precision and recall by Hamming "
+        "radius, precision within radius 2 and per-class mAP@K (docs/measures.md).",
     )
-    p.add_argument("codes", type=Path, help="codes file written by `conmh encode` or `conmh lsh`")
+    p.add_argument("codes", type=Path, help="codes file written by `conmh encode`, `conmh lsh` or `conmh itq`")
     p.add_argument("--out", required=True, type=Path, help="metrics file to write (JSON)")
     p.add_argument("--ks", type=_ks, default=KS, help=f"comma-separated cut-offs K (default: {','.join(map(str, KS))})")
+    p.add_argument(
+        "--per-query",
+        type=Path,
+        metavar="FILE",
+        help="also write each query's AP@K and number of relevant items to FILE (CSV)",
+    )
+    p.add_argument(
+        "--full-ranking",
+        action="store_true",
+        help="also compute mAP over the whole ranking (sorts every query's distances: slower; docs/measures.md)",
+    )
+
+    p = sub.add_parser(
+        "search",
+        help="top-k Hamming neighbours of queries in a codes file's database",
+        epilog=EPILOG,
+        description="Exact Hamming search, ranked as `conmh evaluate` ranks (equal distances by ascending "
+        "database index). Queries: the codes file's queries (for a queries-are-database file, its database), "
+        "all or --query-index; or the videos of --features encoded with --checkpoint. One output row per "
+        "(query, rank): query, rank (from 1), database_index, distance, labels (class indices). See docs/search.md.",
+    )
+    p.add_argument("codes", type=Path, help="codes file whose database is searched")
+    p.add_argument("-k", "--k", type=_positive_int, default=max(KS), help=f"neighbours per query (default: {max(KS)})")
+    p.add_argument(
+        "--query-index",
+        help="queries to search: comma-separated indices and START:STOP ranges (stop excluded), e.g. 0,5,7 or "
+        "0:100 (default: all); with --features, rows of that file",
+    )
+    p.add_argument("--features", type=Path, help="HDF5 features (N, frames, dim) of query videos, encoded first")
+    p.add_argument("--key", default="feats", help="array of the features file (default: feats)")
+    p.add_argument("--checkpoint", type=Path, help="model to encode --features with (as `conmh encode`)")
+    p.add_argument("--bits", type=_positive_int, help="code length of an official checkpoint")
+    p.add_argument(
+        "--preset",
+        default=PAPER_PRESET,
+        choices=tuple(PRESETS),
+        help=f"architecture of an official checkpoint (default: {PAPER_PRESET})",
+    )
+    p.add_argument("--batch-size", type=_positive_int, default=1024, help="videos per forward pass (default: 1024)")
+    p.add_argument("--index", type=Path, help="search this faiss index of the database (`conmh export`) instead")
+    p.add_argument("--workers", type=_positive_int, help="search threads (default: all usable CPUs)")
+    p.add_argument("--format", choices=("csv", "json"), default="csv", help="output format (default: csv)")
+    p.add_argument("--out", type=Path, help="file to write (default: standard output)")
+    _add_runtime_args(p)
+    p.set_defaults(usage_error=p.error)
+
+    p = sub.add_parser(
+        "export",
+        help="write a codes file's database as a faiss binary index",
+        epilog=EPILOG,
+        description="A faiss IndexBinaryFlat (d = 8 x bytes per code; padding bits are zero, so distances "
+        "equal conmh's) of the database codes, for faiss-based serving. Needs faiss: "
+        "pip install 'conmh[search]'.",
+    )
+    p.add_argument("codes", type=Path, help="codes file written by `conmh encode`, `conmh lsh`, ...")
+    p.add_argument("--out", required=True, type=Path, help="faiss index to write (faiss.write_index_binary)")
     return parser
 
 
@@ -344,19 +416,82 @@ def cmd_lsh(args: argparse.Namespace) -> None:
     print(f"{args.dataset}: LSH {codes.bits}-bit codes -> {args.out}")
 
 
+def cmd_itq(args: argparse.Namespace) -> None:
+    from .codes import write_codes
+    from .encode import itq_codes
+
+    codes = itq_codes(args.dataset, args.data_dir, args.bits, seed=args.seed, n_iter=args.iterations)
+    write_codes(args.out, codes)
+    print(
+        f"{args.dataset}: ITQ {codes.bits}-bit codes ({codes.attrs['train_videos']} training videos, "
+        f"{codes.attrs['n_iter']} iterations) -> {args.out}"
+    )
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from .atomic import write_text_atomic
     from .checksums import file_sha256
     from .codes import read_codes
-    from .metrics import evaluate
+    from .metrics import evaluate_detailed, per_query_csv
 
     tic = time.perf_counter()
     codes = read_codes(args.codes)
-    metrics = evaluate(codes, ks=args.ks)
+    metrics, per_query = evaluate_detailed(codes, ks=args.ks, full_ranking=args.full_ranking)
     metrics["codes_sha256"] = file_sha256(args.codes)
+    if args.per_query:
+        write_text_atomic(args.per_query, per_query_csv(per_query))
     write_text_atomic(args.out, json.dumps(metrics, indent=2) + "\n")
     summary = ", ".join(f"mAP@{k} {metrics['map'][str(k)]:.4f}" for k in args.ks)
+    summary += f", P(r<=2) {metrics['precision_within_radius_2']:.4f}"
+    if args.full_ranking:
+        summary += f", mAP (full ranking) {metrics['map_full_ranking']:.4f}"
     print(f"{codes.dataset} {codes.method} {codes.bits} bits: {summary} ({time.perf_counter() - tic:.1f}s)")
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    from .atomic import write_text_atomic
+    from .search import format_csv, format_json, search_codes_file
+
+    if (args.features is None) != (args.checkpoint is None):
+        args.usage_error("--features and --checkpoint go together (the checkpoint encodes the features)")
+    if args.bits is not None and args.checkpoint is None:
+        args.usage_error("--bits is for an official --checkpoint")
+    _set_threads(args.threads)
+    encode_options = {}
+    if args.features is not None:
+        encode_options = dict(
+            key=args.key,
+            bits=args.bits,
+            preset=args.preset,
+            device=args.device,
+            batch_size=args.batch_size,
+            progress=not args.no_progress,
+        )
+    rows, meta = search_codes_file(
+        args.codes,
+        args.k,
+        query_index=args.query_index,
+        features=args.features,
+        checkpoint=args.checkpoint,
+        index=args.index,
+        workers=args.workers,
+        **encode_options,
+    )
+    text = format_csv(rows) if args.format == "csv" else format_json(rows, meta)
+    if args.out is None:
+        sys.stdout.write(text)
+    else:
+        write_text_atomic(args.out, text)
+        print(f"{meta['n_queries']} queries x top {meta['k']} of {meta['n_database']} ({meta['search']}) -> {args.out}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from .codes import read_codes
+    from .search import write_faiss_index
+
+    codes = read_codes(args.codes)
+    write_faiss_index(codes, args.out)
+    print(f"{codes.n_database} database codes of {codes.bits} bits -> faiss IndexBinaryFlat {args.out}")
 
 
 COMMANDS = {
@@ -364,7 +499,10 @@ COMMANDS = {
     "train": cmd_train,
     "encode": cmd_encode,
     "lsh": cmd_lsh,
+    "itq": cmd_itq,
     "evaluate": cmd_evaluate,
+    "search": cmd_search,
+    "export": cmd_export,
 }
 
 

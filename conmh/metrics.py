@@ -22,97 +22,66 @@ Choices the definition leaves open, fixed here:
   each query is ranked against a database that contains it, and its
   self-match (distance 0) counts like any other relevant item.
 
-How it stays fast and small: codes stay packed and are compared as 8-, 16-,
-32- or 64-bit words (XOR, then ``np.bitwise_count``); each query's distances
-are one row of N small integers. The K-th smallest distance of the row is
-found by counting (how many items lie within t, for a few t), the items at or
-below it are gathered in index order, and only those few are sorted (stably,
-by distance). No N x N matrix and no full sort of a row is ever formed.
-Queries are split into chunks processed by a thread pool: numpy releases the
-GIL in all of these calls. At N = 45,600 x 45,600 with 64-bit codes this takes
-about 3 CPU-seconds and a few MB (``benchmarks/bench_evaluate.py``).
+The ranking itself (packed words, XOR + popcount, the K-th distance found by
+counting, no N x N matrix, a thread pool over chunks of queries) is
+``conmh.hamming``, shared with ``conmh search``. At N = 45,600 x 45,600 with
+64-bit codes mAP@K takes about 3 CPU-seconds and a few tens of MB
+(``benchmarks/bench_evaluate.py``).
+
+Other measures (``evaluate`` reports them beside mAP@K; docs/measures.md has
+the definitions, conventions and costs). All are means over the same
+queries, with the same relevance and the same FCVID self-match rule:
+
+* precision and recall at every Hamming radius r = 0..bits
+  (:func:`precision_recall_at_radius`): the database items at distance <= r
+  are retrieved; precision is 0 when nothing is retrieved, recall 0 when the
+  query has no relevant item. Ties do not matter here;
+* precision within radius 2: the r = 2 point of that curve
+  (:func:`precision_within_radius`);
+* per-class mAP@K (:func:`per_class_map`): the mean AP@K of the queries
+  labelled with each class;
+* mAP over the full ranking (:func:`full_ranking_average_precision`, off by
+  default: it sorts every query's whole row): the usual AP,
+  (1/R) * sum_{r=1..N} rel(r) * P(r) with R the query's relevant items in
+  the database (AP 0 when R = 0), ties by ``TIE_RULE``. It divides by R,
+  not K, so it is not AP@K at K = N.
+
+These scan each query's whole distance row once, with no N x N matrix: a
+bincount of the distances of all items and of the relevant ones (found
+through a per-class index of the database), then cumulative sums. Unlike
+mAP@K, the full ranking sorts the whole row (a stable argsort, which numpy
+runs as a linear-time radix sort for uint8/uint16 distances).
 """
 
 from __future__ import annotations
 
-import math
-import os
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
 
 from .codes import Codes, packed_width, padding_mask
+from .hamming import DEFAULT_CHUNK, TIE_RULE, as_words, hamming_row, hamming_search, in_chunks
 
-__all__ = ["KS", "TIE_RULE", "DEFAULT_CHUNK", "map_at_k", "average_precision_at_k", "evaluate"]
+__all__ = [
+    "KS",
+    "TIE_RULE",
+    "DEFAULT_CHUNK",
+    "PRECISION_RADIUS",
+    "map_at_k",
+    "average_precision_at_k",
+    "precision_recall_at_radius",
+    "precision_within_radius",
+    "full_ranking_average_precision",
+    "per_class_map",
+    "Evaluation",
+    "evaluate",
+    "evaluate_detailed",
+    "per_query_csv",
+]
 
 KS = (5, 10, 20, 40, 60, 80, 100)
-TIE_RULE = "equal Hamming distances ranked by ascending database index"
-DEFAULT_CHUNK = 256  # queries per task: small enough to balance two or more threads, large enough to amortise
-
-
-def _available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def _as_words(packed: np.ndarray) -> np.ndarray:
-    """Packed codes (N, W bytes) as (n_words, N) unsigned words for XOR + popcount.
-
-    The word is the widest of uint8/16/32 that holds a whole code, or uint64
-    (codes zero-padded to a multiple of 8 bytes); padding is zero on both
-    sides of the XOR, so it adds nothing to the distance. Word-major layout
-    makes each word's column one contiguous array.
-    """
-    n, width = packed.shape
-    if width <= 4:
-        nbytes = 1 << math.ceil(math.log2(width)) if width > 1 else 1
-    else:
-        nbytes = 8 * math.ceil(width / 8)
-    dtype = np.dtype(f"u{min(nbytes, 8)}")
-    padded = np.zeros((n, nbytes), np.uint8)
-    padded[:, :width] = packed
-    return np.ascontiguousarray(padded.view(dtype).T)
-
-
-def _hamming_row(query: np.ndarray, db_words: np.ndarray, out: np.ndarray, xor: np.ndarray, count: np.ndarray) -> None:
-    """Hamming distances from one query (n_words,) to every database code, into ``out``."""
-    np.bitwise_count(np.bitwise_xor(db_words[0], query[0], out=xor), out=out)
-    for j in range(1, len(query)):
-        np.bitwise_count(np.bitwise_xor(db_words[j], query[j], out=xor), out=count)
-        out += count
-
-
-def _kth_distance(dist: np.ndarray, k: int, max_distance: int, guess: int) -> int:
-    """The k-th smallest value of ``dist``: the least t with count(dist <= t) >= k.
-
-    Found by counting (``dist <= t`` is a cheap vectorised comparison, far
-    cheaper than a histogram or a partition of the row), probing outwards
-    from ``guess`` with doubling steps: neighbouring queries have similar
-    thresholds, so two probes usually settle it.
-    """
-    lo, hi = -1, max_distance  # invariant: count(<= lo) < k <= count(<= hi)
-    probe, step = guess, 1
-    while hi - lo > 1:
-        t = min(max(probe, lo + 1), hi - 1)
-        if np.count_nonzero(dist <= dist.dtype.type(t)) >= k:
-            hi, probe = t, t - step
-        else:
-            lo, probe = t, t + step
-        step *= 2
-    return hi
-
-
-def _nearest(dist: np.ndarray, k: int, threshold: int) -> np.ndarray:
-    """Indices of the ``k`` nearest items ranked by (distance, index), given the k-th smallest distance.
-
-    Everything at or below ``threshold`` is a candidate, gathered in ascending
-    index; a stable sort of the few candidates by distance applies the tie rule.
-    """
-    candidates = np.flatnonzero(dist <= dist.dtype.type(threshold))
-    return candidates[np.argsort(dist[candidates], kind="stable")[:k]]
+PRECISION_RADIUS = 2  # the radius of "precision within Hamming radius 2"
 
 
 def _ap_from_relevance(rel: np.ndarray, ks: Sequence[int]) -> np.ndarray:
@@ -129,11 +98,13 @@ def _check_inputs(
     queries: np.ndarray | None,
     query_labels: np.ndarray | None,
     nbits: int,
-    ks: Sequence[int],
+    ks: Sequence[int] | None,
 ) -> None:
     if isinstance(nbits, bool) or not isinstance(nbits, (int, np.integer)) or nbits < 1:
         raise ValueError(f"nbits must be a positive integer, got {nbits!r}")
-    if not ks or any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 for k in ks):
+    if ks is not None and (  # None: the caller takes no K
+        not ks or any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 for k in ks)
+    ):
         raise ValueError(f"every K must be a positive integer, got {list(ks)!r}")
     if (queries is None) != (query_labels is None):
         raise ValueError("queries and query_labels must both be given or both be None")
@@ -174,36 +145,18 @@ def average_precision_at_k(
         raise ValueError(f"chunk must be a positive integer, got {chunk}")
     if queries is None:
         queries, query_labels = db, db_labels
-    n = db.shape[0]
-    kmax = min(max(ks), n)
-    dist_dtype = np.uint8 if nbits <= np.iinfo(np.uint8).max else np.uint16
-    db_words, q_words = _as_words(db), _as_words(queries)
+    kmax = min(max(ks), db.shape[0])
+    top, _ = hamming_search(db, queries, nbits, kmax, chunk=chunk, workers=workers)  # the ranking search returns
     # Labels packed to bits: "shares a label" is a non-zero AND of two short byte rows.
     db_classes = np.packbits(np.asarray(db_labels) != 0, axis=1)
     q_classes = np.packbits(np.asarray(query_labels) != 0, axis=1)
     ap = np.empty((queries.shape[0], len(ks)), np.float64)
 
     def run(start: int, stop: int) -> None:
-        dist = np.empty(n, dist_dtype)
-        xor = np.empty(n, db_words.dtype)
-        count = np.empty(n, np.uint8)
-        top = np.empty((stop - start, kmax), np.intp)
-        threshold = nbits // 2
-        for i in range(start, stop):
-            _hamming_row(q_words[:, i], db_words, dist, xor, count)
-            threshold = _kth_distance(dist, kmax, nbits, threshold)
-            top[i - start] = _nearest(dist, kmax, threshold)
-        rel = np.any(db_classes[top] & q_classes[start:stop, None, :], axis=2)
+        rel = np.any(db_classes[top[start:stop]] & q_classes[start:stop, None, :], axis=2)
         ap[start:stop] = _ap_from_relevance(rel, ks)
 
-    bounds = [(s, min(s + chunk, queries.shape[0])) for s in range(0, queries.shape[0], chunk)]
-    workers = min(workers or _available_cpus(), len(bounds))
-    if workers <= 1:
-        for start, stop in bounds:
-            run(start, stop)
-    else:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(lambda b: run(*b), bounds))  # list() re-raises a worker's exception
+    in_chunks(run, queries.shape[0], chunk, workers)
     return ap
 
 
@@ -232,23 +185,214 @@ def map_at_k(
     return {int(k): float(ap[:, j].mean()) for j, k in enumerate(ks)}
 
 
-def evaluate(codes: Codes, ks: Iterable[int] = KS) -> dict:
-    """The metrics JSON object of a codes file (``conmh evaluate`` adds ``codes_sha256``)."""
+class _Scan(NamedTuple):
+    precision: np.ndarray  # (n_queries, nbits + 1)
+    recall: np.ndarray  # (n_queries, nbits + 1)
+    n_relevant: np.ndarray  # (n_queries,) relevant database items of each query
+    full_ap: np.ndarray | None  # (n_queries,) AP over the full ranking, when asked
+
+
+def _relevant(classes: np.ndarray, members: list[np.ndarray], mark: np.ndarray) -> np.ndarray:
+    """Ascending indices of the database items sharing one of ``classes``; ``mark`` is an all-False scratch row."""
+    if len(classes) == 0:
+        return np.empty(0, np.intp)
+    if len(classes) == 1:
+        return members[classes[0]]
+    for c in classes:
+        mark[members[c]] = True
+    idx = np.flatnonzero(mark)
+    mark[idx] = False
+    return idx
+
+
+def _scan_rows(
+    db: np.ndarray,
+    db_labels: np.ndarray,
+    queries: np.ndarray | None,
+    query_labels: np.ndarray | None,
+    nbits: int,
+    *,
+    full_ranking: bool,
+    chunk: int,
+    workers: int | None,
+) -> _Scan:
+    """One pass over every query's whole distance row: precision/recall by radius, R, and optionally full AP."""
+    _check_inputs(db, db_labels, queries, query_labels, nbits, None)
+    if chunk < 1:
+        raise ValueError(f"chunk must be a positive integer, got {chunk}")
+    if queries is None:
+        queries, query_labels = db, db_labels
+    n, n_q, bins = db.shape[0], queries.shape[0], nbits + 1
+    dist_dtype = np.uint8 if nbits <= np.iinfo(np.uint8).max else np.uint16
+    db_words, q_words = as_words(db), as_words(queries)
+    # Per-class index of the database: a query's relevant items are the union of its classes' members,
+    # a few hundred indices rather than a scan of every database label row.
+    members = [np.flatnonzero(row) for row in np.asarray(db_labels).T != 0]
+    q_on = np.asarray(query_labels) != 0
+    precision = np.zeros((n_q, bins), np.float64)
+    recall = np.zeros((n_q, bins), np.float64)
+    n_relevant = np.zeros(n_q, np.int64)
+    full_ap = np.zeros(n_q, np.float64) if full_ranking else None
+
+    def run(start: int, stop: int) -> None:
+        dist = np.empty(n, dist_dtype)
+        xor = np.empty(n, db_words.dtype)
+        count = np.empty(n, np.uint8)
+        mark = np.zeros(n, np.bool_)
+        for i in range(start, stop):
+            hamming_row(q_words[:, i], db_words, dist, xor, count)
+            idx = _relevant(np.flatnonzero(q_on[i]), members, mark)
+            retrieved = np.cumsum(np.bincount(dist, minlength=bins))
+            hits = np.cumsum(np.bincount(dist[idx], minlength=bins))
+            np.divide(hits, retrieved, out=precision[i], where=retrieved > 0)  # 0 where nothing is retrieved
+            n_relevant[i] = len(idx)
+            if len(idx) == 0:
+                continue  # recall and full AP stay 0
+            recall[i] = hits / len(idx)
+            if full_ap is not None:
+                order = np.argsort(dist, kind="stable")  # radix sort; ties by ascending index (TIE_RULE)
+                mark[idx] = True
+                ranks = np.flatnonzero(mark[order]) + 1  # 1-based ranks of the relevant items
+                mark[idx] = False
+                full_ap[i] = np.mean(np.arange(1, len(idx) + 1) / ranks)
+
+    in_chunks(run, n_q, chunk, workers)
+    return _Scan(precision, recall, n_relevant, full_ap)
+
+
+def precision_recall_at_radius(
+    db: np.ndarray,
+    db_labels: np.ndarray,
+    queries: np.ndarray | None,
+    query_labels: np.ndarray | None,
+    nbits: int,
+    *,
+    chunk: int = DEFAULT_CHUNK,
+    workers: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Precision and recall of every query at every Hamming radius: two float64 (n_queries, nbits + 1) arrays.
+
+    Column r holds the measure over the database items at distance <= r.
+    Precision is 0 when nothing lies within r; recall is 0 for a query with
+    no relevant item. The PR curve is the mean over rows (``axis=0``).
+    Arguments as for :func:`map_at_k`.
+    """
+    scan = _scan_rows(db, db_labels, queries, query_labels, nbits, full_ranking=False, chunk=chunk, workers=workers)
+    return scan.precision, scan.recall
+
+
+def precision_within_radius(precision: np.ndarray, radius: int = PRECISION_RADIUS) -> np.ndarray:
+    """The radius-``radius`` point of a precision-by-radius curve (last axis = radius 0..nbits).
+
+    A radius beyond the code length retrieves everything, as radius nbits does.
+    """
+    precision = np.asarray(precision)
+    return precision[..., min(radius, precision.shape[-1] - 1)]
+
+
+def full_ranking_average_precision(
+    db: np.ndarray,
+    db_labels: np.ndarray,
+    queries: np.ndarray | None,
+    query_labels: np.ndarray | None,
+    nbits: int,
+    *,
+    chunk: int = DEFAULT_CHUNK,
+    workers: int | None = None,
+) -> np.ndarray:
+    """AP over the whole ranking of every query: float64 (n_queries,), see the module docstring.
+
+    Costs a stable sort of every query's row: 12 s (one pass computing the
+    precision/recall curve too, 5 s without the sort) at 45,600 x 45,600
+    64-bit codes on two AMD EPYC cores (docs/measures.md). Arguments as for :func:`map_at_k`.
+    """
+    scan = _scan_rows(db, db_labels, queries, query_labels, nbits, full_ranking=True, chunk=chunk, workers=workers)
+    return scan.full_ap
+
+
+def per_class_map(ap: np.ndarray, query_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class mean of per-query AP ``ap`` (n_queries, len(ks)) over the queries labelled with each class.
+
+    Returns the number of such queries (C,) and the means (C, len(ks)),
+    NaN for a class that no query carries. A query with several labels
+    counts in each of its classes.
+    """
+    ap = np.asarray(ap, np.float64)
+    on = np.asarray(query_labels) != 0
+    if on.shape[0] != ap.shape[0]:
+        raise ValueError(f"{ap.shape[0]} AP rows for {on.shape[0]} label rows")
+    counts = on.sum(axis=0)
+    sums = on.T.astype(np.float64) @ ap
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = sums / counts[:, None]
+    means[counts == 0] = np.nan
+    return counts, means
+
+
+class Evaluation(NamedTuple):
+    """What :func:`evaluate_detailed` returns."""
+
+    metrics: dict  # the metrics JSON object
+    per_query: dict[str, np.ndarray]  # columns of the per-query table: query, n_relevant, ap@K..., [ap_full]
+
+
+def evaluate_detailed(codes: Codes, ks: Iterable[int] = KS, *, full_ranking: bool = False) -> Evaluation:
+    """The metrics JSON object of a codes file and its per-query table (``conmh evaluate --per-query``)."""
     ks = tuple(int(k) for k in ks)
-    maps = map_at_k(codes.database, codes.database_labels, codes.queries, codes.query_labels, codes.bits, ks)
-    query_labels = codes.database_labels if codes.queries_are_database else codes.query_labels
+    db, db_labels, queries, query_labels = codes.database, codes.database_labels, codes.queries, codes.query_labels
+    ap = average_precision_at_k(db, db_labels, queries, query_labels, codes.bits, ks)
+    scan = _scan_rows(
+        db, db_labels, queries, query_labels, codes.bits, full_ranking=full_ranking, chunk=DEFAULT_CHUNK, workers=None
+    )
+    labels_of_queries = codes.database_labels if codes.queries_are_database else codes.query_labels
     metrics = {
         "dataset": codes.dataset,
         "method": codes.method,
         "bits": int(codes.bits),
-        "map": {str(k): maps[k] for k in ks},
+        "map": {str(k): float(ap[:, j].mean()) for j, k in enumerate(ks)},  # = map_at_k
         "ks": list(ks),
         "protocol": "queries_are_database" if codes.queries_are_database else "separate_queries",
         "n_database": codes.n_database,
         "n_queries": codes.n_queries,
-        "queries_without_label": int(np.count_nonzero(~np.any(query_labels, axis=1))),
+        "queries_without_label": int(np.count_nonzero(~np.any(labels_of_queries, axis=1))),
         "tie_rule": TIE_RULE,
     }
     if "checkpoint_sha256" in codes.attrs:
         metrics["checkpoint_sha256"] = codes.attrs["checkpoint_sha256"]
-    return metrics
+    curve = scan.precision.mean(axis=0), scan.recall.mean(axis=0)
+    metrics["precision_within_radius_2"] = float(precision_within_radius(curve[0], PRECISION_RADIUS))
+    if full_ranking:
+        metrics["map_full_ranking"] = float(scan.full_ap.mean())
+    metrics["pr_curve"] = {
+        "radius": list(range(codes.bits + 1)),
+        "precision": curve[0].tolist(),
+        "recall": curve[1].tolist(),
+    }
+    counts, class_means = per_class_map(ap, labels_of_queries)
+    metrics["per_class_map"] = {
+        "n_queries": counts.tolist(),
+        "map": {str(k): [None if np.isnan(v) else float(v) for v in class_means[:, j]] for j, k in enumerate(ks)},
+    }
+    per_query = {"query": np.arange(codes.n_queries), "n_relevant": scan.n_relevant}
+    per_query.update({f"ap@{k}": ap[:, j] for j, k in enumerate(ks)})
+    if full_ranking:
+        per_query["ap_full"] = scan.full_ap
+    return Evaluation(metrics, per_query)
+
+
+def evaluate(codes: Codes, ks: Iterable[int] = KS, *, full_ranking: bool = False) -> dict:
+    """The metrics JSON object of a codes file (``conmh evaluate`` adds ``codes_sha256``).
+
+    Beside mAP@K it holds the precision/recall curve by Hamming radius
+    (``pr_curve``), ``precision_within_radius_2``, ``per_class_map`` and, with
+    ``full_ranking=True``, ``map_full_ranking`` (docs/measures.md).
+    """
+    return evaluate_detailed(codes, ks, full_ranking=full_ranking).metrics
+
+
+def per_query_csv(per_query: dict[str, np.ndarray]) -> str:
+    """The per-query table as CSV text: a header, then one row per query; floats written exactly (``repr``)."""
+    columns = [np.asarray(v).tolist() for v in per_query.values()]
+    lines = [",".join(per_query)]
+    lines += [",".join(map(repr, row)) for row in zip(*columns)]
+    return "\n".join(lines) + "\n"

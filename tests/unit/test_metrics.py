@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from conmh.codes import Codes, pack_bits
-from conmh.metrics import KS, TIE_RULE, _kth_distance, average_precision_at_k, evaluate, map_at_k
+from conmh.hamming import kth_distance
+from conmh.metrics import KS, TIE_RULE, average_precision_at_k, evaluate, map_at_k
 
 
 def reference_ap(
@@ -132,7 +133,7 @@ def test_matches_reference_property(
 def test_kth_distance_is_the_kth_smallest(dist: np.ndarray, data) -> None:
     k = data.draw(st.integers(1, len(dist)))
     guess = data.draw(st.integers(-5, 20))  # any guess, even out of range, must give the exact answer
-    assert _kth_distance(dist, k, 12, guess) == np.sort(dist)[k - 1]
+    assert kth_distance(dist, k, 12, guess) == np.sort(dist)[k - 1]
 
 
 def test_hand_computed_separate_queries() -> None:
