@@ -248,7 +248,7 @@ def read_codes(path: str | os.PathLike) -> Codes:
     path = Path(path)
     where = f"codes file {path}"
     if not path.is_file():
-        raise CodesError(f"{where}: does not exist (write it with `conmh encode` or `conmh lsh`)")
+        raise CodesError(f"{where}: does not exist (write it with `conmh encode`, `conmh lsh` or `conmh itq`)")
     try:
         with h5py.File(path, "r") as f:
             attrs = {key: _python_value(value) for key, value in f.attrs.items()}
