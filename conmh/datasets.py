@@ -1,4 +1,5 @@
-"""The official dataset releases: names, splits, file names, keys and sizes (docs/reference.md §2).
+"""The dataset layouts: the official releases' names, splits, file names, keys and sizes
+(docs/reference.md §2), and the generic layout for features of any other videos (docs/generic.md).
 
 Facts only, no file is opened here (and neither h5py nor numpy is imported, so
 the command line and the pipeline can read the layouts cheaply). Unknown
@@ -15,7 +16,9 @@ from pathlib import Path
 
 from conmh.errors import ConfigError, MissingDataError
 
-DATASETS = ("fcvid", "activitynet", "yfcc")
+DATASETS = ("fcvid", "activitynet", "yfcc")  # the paper's benchmarks: the pipeline runs these
+GENERIC = "generic"  # any features in the generic layout (docs/generic.md); the commands accept it too
+LAYOUT_NAMES = (*DATASETS, GENERIC)
 SPLITS = ("train", "database", "queries")
 LABELLED_SPLITS = ("database", "queries")
 FEATURE_KEY = "feats"
@@ -28,11 +31,13 @@ SOURCE_HINT = (
 
 @dataclass(frozen=True)
 class DatasetLayout:
-    """File names, keys and sizes of one official dataset release (docs/reference.md §2)."""
+    """File names, keys and sizes of one dataset layout: an official release (docs/reference.md §2), or the
+    generic layout, whose frames and feature dim are whatever its files hold (None) and which has no
+    official counts."""
 
     name: str
-    frames: int
-    feature_dim: int
+    frames: int | None
+    feature_dim: int | None
     train: tuple[str, ...]
     database: tuple[str, ...]
     database_labels: tuple[tuple[str, str], ...]
@@ -108,18 +113,56 @@ LAYOUTS: dict[str, DatasetLayout] = {
 }
 
 
-def get_layout(name: str) -> DatasetLayout:
-    """The layout of dataset ``name``; ConfigError for an unknown name."""
+# The generic layout: one features file that is the database (and the training set), its labels, and
+# optionally a separate training set and separate queries. Which optional files a folder has decides
+# its layout (generic_layout).
+GENERIC_FEATURES = "features.h5"
+GENERIC_LABELS = ("labels.mat", "labels")
+GENERIC_TRAIN = "train_features.h5"
+GENERIC_QUERIES = ("queries.h5", ("query_labels.mat", "labels"))
+
+
+def generic_layout(data_dir: str | Path | None = None) -> DatasetLayout:
+    """The generic layout of ``data_dir``: trains on ``train_features.h5`` when the folder has it (else on
+    the database), and ranks separate queries when it has ``queries.h5`` (else the queries are the
+    database, as FCVID's). Without a folder: the plain layout, database only."""
+    folder = Path(data_dir) if data_dir is not None else None
+    has = (lambda name: (folder / name).is_file()) if folder is not None else (lambda name: False)
+    queries, query_labels = GENERIC_QUERIES
+    return DatasetLayout(
+        name=GENERIC,
+        frames=None,
+        feature_dim=None,
+        train=(GENERIC_TRAIN,) if has(GENERIC_TRAIN) else (GENERIC_FEATURES,),
+        database=(GENERIC_FEATURES,),
+        database_labels=(GENERIC_LABELS,),
+        queries=(queries,) if has(queries) else None,
+        query_labels=(query_labels,) if has(queries) else None,
+        real_counts={},
+    )
+
+
+def get_layout(name: str, data_dir: str | Path | None = None) -> DatasetLayout:
+    """The layout of dataset ``name``; for the generic layout, the one ``data_dir`` holds (generic_layout).
+    ConfigError for an unknown name."""
+    if name == GENERIC:
+        return generic_layout(data_dir)
     try:
         return LAYOUTS[name]
     except KeyError:
-        raise ConfigError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}") from None
+        raise ConfigError(f"unknown dataset {name!r}; expected one of {', '.join(LAYOUT_NAMES)}") from None
 
 
 def check_split(split: str, allowed: Sequence[str]) -> None:
     """ConfigError unless ``split`` is one of ``allowed``."""
     if split not in allowed:
         raise ConfigError(f"unknown split {split!r}; expected one of {', '.join(allowed)}")
+
+
+GENERIC_HINT = (
+    "The generic layout (docs/generic.md): features.h5 (key 'feats', videos x frames x dims) and labels.mat "
+    "(key 'labels', videos x classes, 0/1), optionally train_features.h5, and queries.h5 with query_labels.mat."
+)
 
 
 def require_files(layout: DatasetLayout, data_dir: Path, needed: Sequence[tuple[str, str, str]]) -> None:
@@ -132,5 +175,5 @@ def require_files(layout: DatasetLayout, data_dir: Path, needed: Sequence[tuple[
     raise MissingDataError(
         f"{layout.name}: {len(missing)} dataset file(s) missing (data directory {data_dir} {where}):\n"
         + "\n".join(lines)
-        + f"\n{SOURCE_HINT}"
+        + f"\n{GENERIC_HINT if layout.name == GENERIC else SOURCE_HINT}"
     )

@@ -240,16 +240,60 @@ class FeatureFiles:
 
 def open_split(name: str, data_dir: str | os.PathLike, split: str) -> FeatureFiles:
     """Features of ``split`` ("train", "database", "queries"); FCVID's queries are its database."""
-    layout = get_layout(name)
-    check_split(split, SPLITS)
     data_dir = Path(data_dir)
+    layout = get_layout(name, data_dir)
+    check_split(split, SPLITS)
     files = layout.feature_files(split)
     require_files(layout, data_dir, [(split, f, FEATURE_KEY) for f in files])
     ff = FeatureFiles([data_dir / f for f in files])
-    if ff.frames != layout.frames:
+    if layout.frames is not None and ff.frames != layout.frames:
         ff.close()
         raise DataError(
             f"{ff.paths[0]}: key {FEATURE_KEY!r} has {ff.frames} frames per video, "
             f"expected {layout.frames} for {name} (docs/reference.md §2)"
         )
     return ff
+
+
+class ArrayFeatures:
+    """Features already in memory, (N, T, D), read like :class:`FeatureFiles` (the Python API's input).
+
+    Checked as a file's features are: three dimensions, at least one video, finite real values.
+    """
+
+    key = "features"
+
+    def __init__(self, features: np.ndarray, name: str = "<array>") -> None:
+        arr = np.asarray(features)
+        if arr.ndim != 3 or 0 in arr.shape:
+            raise DataError(f"{name}: features must be (videos, frames, dims) with none empty, got shape {arr.shape}")
+        if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+            raise DataError(f"{name}: features must be real numbers, got dtype {arr.dtype}")
+        self.array = arr.astype(np.float32, copy=False)
+        if not np.isfinite(self.array).all():
+            raise DataError(f"{name}: features hold NaN or infinite values; expected finite features")
+        self.paths = (Path(name),)
+        self.n, self.frames, self.dim = self.array.shape
+
+    def __len__(self) -> int:
+        return self.n
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        if not 0 <= start <= stop <= self.n:
+            raise IndexError(f"read({start}, {stop}) out of range for {self.n} rows")
+        return self.array[start:stop]
+
+    def take(self, indices: np.ndarray | Sequence[int]) -> np.ndarray:
+        return self.array[np.asarray(indices, dtype=np.int64)]
+
+    def iter_blocks(self, block: int) -> Iterator[tuple[int, np.ndarray]]:
+        if block < 1:
+            raise ValueError(f"block must be >= 1, got {block}")
+        for start in range(0, self.n, block):
+            yield start, self.array[start : start + block]
+
+    def __enter__(self) -> ArrayFeatures:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass

@@ -113,6 +113,6 @@ def load_label_files(layout: DatasetLayout, data_dir: Path, split: str) -> tuple
 
 def load_labels(name: str, data_dir: str | os.PathLike, split: str) -> np.ndarray:
     """(N, C) uint8 0/1 labels of ``split`` ("database" or "queries"), parts concatenated in order."""
-    layout = get_layout(name)
+    layout = get_layout(name, data_dir)
     check_split(split, LABELLED_SPLITS)
     return load_label_files(layout, Path(data_dir), split)[0]

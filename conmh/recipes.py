@@ -67,7 +67,14 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
+# The generic layout (features of other videos) has no recipe of its own in the paper: it starts from the
+# YFCC recipe, the paper's largest and most varied collection; set --epochs for the data's size.
+GENERIC_RECIPE = RECIPES["yfcc"]
+
+
 def get_recipe(dataset: str) -> Recipe:
+    if dataset == "generic":
+        return GENERIC_RECIPE
     try:
         return RECIPES[dataset]
     except KeyError:

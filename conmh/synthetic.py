@@ -33,11 +33,11 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import scipy.io
 
 from conmh.atomic import atomic_path
 from conmh.datasets import DATASETS, FEATURE_KEY, get_layout
 from conmh.errors import ConfigError
+from conmh.generic import write_features, write_labels
 
 
 @dataclass(frozen=True)
@@ -157,25 +157,6 @@ def _draw_labels(rng: np.random.Generator, n: int, n_classes: int, style: _Style
     return labels
 
 
-MAT_HEADER_TEXT = b"MATLAB 5.0 MAT-file, written by conmh.synthetic".ljust(116)
-
-
-def _write_feats(path: Path, feats: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as fh:
-            fh.create_dataset(FEATURE_KEY, data=feats, dtype=np.float32)
-
-
-def _write_labels(path: Path, key: str, labels: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:  # a file object: savemat would append ".mat" to a ".tmp" name
-            scipy.io.savemat(fh, {key: labels})
-            # The MAT 5 header's first 116 bytes are free text, where scipy writes the current
-            # time; a fixed text makes the same seed give the same bytes (and manifest sums).
-            fh.seek(0)
-            fh.write(MAT_HEADER_TEXT)
-
-
 def _check_spec(name: str, spec: MiniatureSpec) -> None:
     layout = get_layout(name)
     minimum = {
@@ -213,12 +194,12 @@ def make_miniature(
 
     def write_parts(files: tuple[str, ...], feats: np.ndarray) -> None:
         for fname, part in zip(files, np.array_split(feats, len(files))):
-            _write_feats(out_dir / fname, part)
+            write_features(out_dir / fname, part)
             written.append(out_dir / fname)
 
     def write_label_parts(files: tuple[tuple[str, str], ...], labels: np.ndarray) -> None:
         for (fname, key), part in zip(files, np.array_split(labels, len(files))):
-            _write_labels(out_dir / fname, key, part)
+            write_labels(out_dir / fname, key, part)
             written.append(out_dir / fname)
 
     train, _ = split(spec.n_train)
@@ -311,6 +292,6 @@ def make_release_sized(
                     ds[lo:hi] = world.videos(labels[lo:hi], layout.frames, np.random.default_rng(base + [s, b]))
         written.append(out_dir / fname)
         for label_file, key in label_files:
-            _write_labels(out_dir / label_file, key, labels)
+            write_labels(out_dir / label_file, key, labels)
             written.append(out_dir / label_file)
     return written

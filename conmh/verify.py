@@ -16,7 +16,7 @@ import numpy as np
 
 from conmh.checksums import file_sha256
 from conmh.datasets import FEATURE_KEY, LABELLED_SPLITS, get_layout, require_files
-from conmh.errors import DataError
+from conmh.errors import ConfigError, DataError
 from conmh.features import FeatureFiles, open_split
 from conmh.labels import load_label_files
 
@@ -46,8 +46,10 @@ def verify_dataset(
     counts and feature dims. Label rows without any class are only counted:
     such a query has no relevant item and scores AP 0.
     """
-    layout = get_layout(name)
     data_dir = Path(data_dir)
+    layout = get_layout(name, data_dir)
+    if real and not layout.real_counts:
+        raise ConfigError(f"{name}: --real checks an official release's counts; the {name} layout has none")
     require_files(layout, data_dir, layout.all_files())
 
     feature_splits = ["train", "database"] + ([] if layout.queries_are_database else ["queries"])
@@ -57,7 +59,12 @@ def verify_dataset(
     for split in feature_splits:
         with open_split(name, data_dir, split) as ff:
             if dim_source is None:
-                dim_source = (ff.paths[0], ff.dim)
+                dim_source, frames = (ff.paths[0], ff.dim), ff.frames
+            elif ff.frames != frames:  # the official layouts' frames are checked on opening; generic: here
+                raise DataError(
+                    f"{ff.paths[0]}: key {FEATURE_KEY!r} has {ff.frames} frames per video, but {dim_source[0]} has "
+                    f"{frames}; all splits must agree"
+                )
             elif ff.dim != dim_source[1]:
                 raise DataError(
                     f"{ff.paths[0]}: key {FEATURE_KEY!r} has feature dim {ff.dim}, but {dim_source[0]} has "
@@ -115,7 +122,7 @@ def verify_dataset(
         "real": real,
         "files": files,
         "counts": counts,
-        "frames": layout.frames,
+        "frames": frames,
         "feature_dim": feature_dim,
         "n_classes": n_classes,
         "queries_are_database": layout.queries_are_database,
