@@ -322,6 +322,20 @@ def jobs(cfg: dict, config: Path, out: Path, kind: str, scale: float, seed: int,
                 [lay.metrics("lsh", d, BITS)],
                 lay.log("evaluate", f"lsh-{d}-{BITS}bits"),
             ),
+            Step(
+                "itq",
+                d,
+                step_command("itq", config, d, BITS),
+                [lay.codes("itq", d, BITS)],
+                lay.log("itq", f"{d}-{BITS}bits"),
+            ),
+            Step(
+                "evaluate itq",
+                d,
+                step_command("evaluate", config, d, BITS, method="itq"),
+                [lay.metrics("itq", d, BITS)],
+                lay.log("evaluate", f"itq-{d}-{BITS}bits"),
+            ),
         ]
     report = list(lay.report_files(figures_of(cfg)).values()) + [
         lay.summary(m, d, BITS) for d in cfg["datasets"] for m in METHODS

@@ -10,6 +10,7 @@ function of the same name in ``conmh.pipeline.steps``::
     conmh pipeline train    --dataset fcvid --bits 64 [--threads 8]
     conmh pipeline encode   --dataset fcvid --bits 64 [--threads 8]
     conmh pipeline lsh      --dataset fcvid --bits 64
+    conmh pipeline itq      --dataset fcvid --bits 64
     conmh pipeline evaluate --dataset fcvid --bits 64 --method conmh
     conmh pipeline report
 
@@ -29,7 +30,7 @@ from pathlib import Path
 from ..datasets import DATASETS
 from ..errors import ConMHError
 
-STEPS = ("download", "miniature", "verify", "train", "encode", "lsh", "evaluate", "report")
+STEPS = ("download", "miniature", "verify", "train", "encode", "lsh", "itq", "evaluate", "report")
 NEEDS = {  # the options each step needs
     "download": ("dataset",),
     "miniature": ("dataset",),
@@ -37,6 +38,7 @@ NEEDS = {  # the options each step needs
     "train": ("dataset", "bits"),
     "encode": ("dataset", "bits"),
     "lsh": ("dataset", "bits"),
+    "itq": ("dataset", "bits"),
     "evaluate": ("dataset", "bits", "method"),
     "report": (),
 }
@@ -101,7 +103,7 @@ def run_step(args: argparse.Namespace) -> int:
         return step(cfg, args.dataset)
     if args.step == "evaluate":
         return step(cfg, args.method, args.dataset, args.bits)
-    if args.step == "lsh":
+    if args.step in ("lsh", "itq"):
         return step(cfg, args.dataset, args.bits)
     threads = args.threads or cfg["threads"][args.step]
     return step(cfg, args.dataset, args.bits, threads)

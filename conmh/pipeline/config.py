@@ -21,7 +21,7 @@ from ..errors import ConfigError
 from .paths import Layout
 
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
-METHODS = ("conmh", "lsh")
+METHODS = ("conmh", "lsh", "itq")  # ConMH and its two baselines
 
 
 def load_schema() -> dict:

@@ -51,10 +51,16 @@ class Layout:
     def metrics(self, method: str, dataset: str, bits: Any) -> str:
         return f"{self.results}/metrics/{dataset}/{method}-{bits}bits.json"
 
+    def per_query(self, method: str, dataset: str, bits: Any) -> str:
+        """AP@K of every query (``conmh evaluate --per-query``): large at real size, so in work/ (DVC-cached)."""
+        return f"{self.work}/metrics/{dataset}/{method}-{bits}bits.per_query.csv"
+
     def summary(self, method: str, dataset: str, bits: Any) -> str:
         return f"{self.results}/summary/{dataset}/{method}-{bits}bits.json"
 
-    def report_files(self, figures: tuple[str, ...] = ("map_at_k", "ours_vs_paper", "loss_curves")) -> dict[str, str]:
+    def report_files(
+        self, figures: tuple[str, ...] = ("map_at_k", "pr_curves", "per_class", "ours_vs_paper", "loss_curves")
+    ) -> dict[str, str]:
         """The report's files; ``figures`` names the figures this run draws (``report.figures_of``)."""
         r = self.results
         return {
@@ -63,6 +69,7 @@ class Layout:
             "table_tex": f"{r}/table.tex",
             "table_html": f"{r}/table.html",
             "curves": f"{r}/plots/map_at_k.csv",
+            "pr": f"{r}/plots/pr_curve.csv",
             "loss": f"{r}/plots/loss.csv",
             "configuration": f"{r}/provenance/configuration.csv",
             "data": f"{r}/provenance/data.csv",

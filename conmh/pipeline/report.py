@@ -5,7 +5,7 @@ and the verification reports, and writes (under ``paths.results``):
 
 * ``table.csv`` / ``table.md`` / ``table.tex``: per dataset and code length,
   mAP@5, 20, 40, 60, 80, 100 (the paper's columns) of ConMH and of the LSH
-  baseline; for real datasets also the paper's numbers (``paper_table.csv``) and
+  and ITQ baselines; for real datasets also the paper's numbers (``paper_table.csv``) and
   ours minus the paper's. Miniatures are labelled ``synthetic`` and never
   compared with the paper.
 * ``summary/<dataset>/<method>-<bits>bits.json``: every mAP@K of one run, so
@@ -16,9 +16,13 @@ and the verification reports, and writes (under ``paths.results``):
 * ``provenance/``: the configuration used, the verified data files (shape,
   size, sha256), the software versions and machine, and each training run's
   device, precision and time: the Snakemake report shows them as tables.
-* ``figures/map_at_k.png`` (a panel per dataset, a line per code length, LSH
-  dashed), ``figures/ours_vs_paper.png`` (bars, only when a real dataset is
-  run at the paper's code lengths) and ``figures/loss_curves.png`` (only when
+* ``plots/pr_curve.csv``: precision and recall at every Hamming radius, long form.
+* ``figures/map_at_k.png`` (a panel per dataset, a line per code length, ITQ
+  dotted, LSH dashed), ``figures/pr_curves.png`` (precision against recall by
+  Hamming radius, a panel per dataset and code length), ``figures/per_class.png``
+  (each class's mAP@K at the longest code length, classes sorted by ConMH's),
+  ``figures/ours_vs_paper.png`` (bars, only when a real dataset is run at the
+  paper's code lengths) and ``figures/loss_curves.png`` (only when
   a run was trained): a figure with nothing to show is left out, not drawn
   empty (``figures_of``).
 """
@@ -51,12 +55,14 @@ PAPER: dict[tuple[str, int], tuple[float, ...]] = {
     for dataset, bits, *values in _PAPER_TABLE[["dataset", "bits", *_PAPER_COLUMNS]].itertuples(index=False)
 }
 DISPLAY = {"fcvid": "FCVID", "activitynet": "ActivityNet", "yfcc": "YFCC"}
-METHOD_DISPLAY = {"conmh": "ConMH", "lsh": "LSH"}
-ROW_OURS, ROW_LSH, ROW_PAPER, ROW_DIFF = "ConMH (ours)", "LSH (ours)", "ConMH (paper)", "ours - paper"
+METHOD_DISPLAY = {"conmh": "ConMH", "itq": "ITQ", "lsh": "LSH"}  # the figures' order
+ROW_OURS, ROW_PAPER, ROW_DIFF = "ConMH (ours)", "ConMH (paper)", "ours - paper"
+ROW_LSH, ROW_ITQ = "LSH (ours)", "ITQ (ours)"
 ROW_RELEASED = "ConMH (released checkpoint)"
+PER_CLASS_K = 20  # the K of the per-class figure (the largest configured K when 20 is not)
 SYNTHETIC_NOTE = (
     "Rows with data = synthetic come from the miniature datasets (seeded synthetic features with the "
-    "real file layout). They show that the pipeline works and that training beats LSH; they are not "
+    "real file layout). They show that the pipeline works and how ConMH compares with the baselines; they are not "
     "comparable with the paper and are never compared with it."
 )
 
@@ -105,7 +111,7 @@ def build_table(
     released: set[tuple[str, int]] = frozenset(),
     ks: tuple[int, ...] = PAPER_KS,
 ) -> pd.DataFrame:
-    """The paper's table: a row per dataset x bits x {ours, LSH, paper, difference}.
+    """The paper's table: a row per dataset x bits x {ours, ITQ, LSH, paper, difference}.
 
     Datasets keep the order of ``sources``; paper and difference rows appear
     only for real datasets at the paper's code lengths.
@@ -131,7 +137,9 @@ def build_table(
                     **dict(zip(map(col, ks), ours)),
                 }
             )
-            rows.append({**head, "result": ROW_LSH, **dict(zip(map(col, ks), values("lsh")))})
+            for method, row in (("itq", ROW_ITQ), ("lsh", ROW_LSH)):
+                if (dataset, bits, method) in wide.index:  # a baseline that was run
+                    rows.append({**head, "result": row, **dict(zip(map(col, ks), values(method)))})
             if real and (dataset, bits) in PAPER:
                 paper = dict(zip(PAPER_KS, PAPER[dataset, bits]))
                 rows.append({**head, "result": ROW_PAPER, **{col(k): paper[k] for k in ks if k in paper}})
@@ -141,12 +149,74 @@ def build_table(
     return pd.DataFrame(rows, columns=["dataset", "data", "bits", "result", *map(col, ks)])
 
 
-def summary(long: pd.DataFrame) -> dict[tuple[str, str, int], dict[str, float]]:
-    """{(dataset, method, bits): {"mAP@K": value}}: one small metrics file per run (Layout.summary)."""
+def summary(long: pd.DataFrame, details: dict[tuple[str, str, int], dict]) -> dict[tuple[str, str, int], dict]:
+    """{(dataset, method, bits): {"mAP@K": value, ..., "P@r<=2": value}}: one small metrics file per run
+    (Layout.summary), so that ``dvc metrics show`` and ``dvc exp show`` list a row per run."""
     out: dict[tuple[str, str, int], dict[str, float]] = {}
     for (dataset, method, bits), group in long.sort_values("k").groupby(["dataset", "method", "bits"]):
-        out[dataset, method, int(bits)] = {col(int(k)): round(float(v), 6) for k, v in zip(group["k"], group["map"])}
+        key = (dataset, method, int(bits))
+        out[key] = {col(int(k)): round(float(v), 6) for k, v in zip(group["k"], group["map"])}
+        if "precision_within_radius_2" in details.get(key, {}):
+            out[key]["P@r<=2"] = round(float(details[key]["precision_within_radius_2"]), 6)
     return out
+
+
+def load_details(paths: list[Path]) -> dict[tuple[str, str, int], dict]:
+    """Every metrics file by (dataset, method, bits), for the measures beyond mAP@K."""
+    out = {}
+    for path in paths:
+        m = json.loads(Path(path).read_text(encoding="utf-8"))
+        out[m["dataset"], m["method"], int(m["bits"])] = m
+    return out
+
+
+def pr_table(details: dict[tuple[str, str, int], dict], sources: dict[str, str]) -> pd.DataFrame:
+    """Precision and recall at every Hamming radius, long form (dataset, method, bits, radius, precision,
+    recall), for ``dvc plots`` and the figure."""
+    rows = [
+        (_label(d, sources), METHOD_DISPLAY.get(m, m), b, r, p, rc)
+        for d in sources
+        for (dd, m, b), metrics in sorted(
+            details.items(), key=lambda kv: (kv[0][2], list(METHOD_DISPLAY).index(kv[0][1]))
+        )
+        if dd == d and "pr_curve" in metrics
+        for r, p, rc in zip(*(metrics["pr_curve"][c] for c in ("radius", "precision", "recall")))
+    ]
+    return pd.DataFrame(rows, columns=["dataset", "method", "bits", "radius", "precision", "recall"])
+
+
+def per_class_table(details: dict[tuple[str, str, int], dict], sources: dict[str, str], k: int) -> pd.DataFrame:
+    """mAP@k of every class that has queries, at each dataset's longest code length (long form: dataset,
+    method, class, queries, mAP); ``rank`` orders the classes by ConMH's value, best first."""
+    frames = []
+    for d in sources:
+        runs_of = {(m, b): v for (dd, m, b), v in details.items() if dd == d and "per_class_map" in v}
+        if not runs_of:
+            continue
+        bits = max(b for _, b in runs_of)
+        for (m, b), metrics in runs_of.items():
+            if b != bits or str(k) not in metrics["per_class_map"]["map"]:
+                continue
+            per_class = metrics["per_class_map"]
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "dataset": f"{_label(d, sources)}, {bits} bits",
+                        "method": METHOD_DISPLAY.get(m, m),
+                        "class": range(len(per_class["n_queries"])),
+                        "queries": per_class["n_queries"],
+                        "mAP": [float("nan") if v is None else v for v in per_class["map"][str(k)]],
+                    }
+                )
+            )
+    columns = ["dataset", "method", "class", "queries", "mAP", "rank"]
+    if not frames:
+        return pd.DataFrame(columns=columns)
+    df = pd.concat(frames, ignore_index=True).dropna(subset=["mAP"])
+    ours = df[df["method"] == "ConMH"].sort_values(["dataset", "mAP", "class"], ascending=[True, False, True])
+    rank = {(d, c): i for d, group in ours.groupby("dataset") for i, c in enumerate(group["class"])}
+    df["rank"] = [rank.get((d, c), -1) for d, c in zip(df["dataset"], df["class"])]
+    return df[columns]
 
 
 def curves(long: pd.DataFrame, sources: dict[str, str]) -> pd.DataFrame:
@@ -231,8 +301,8 @@ def figure_map(long: pd.DataFrame, sources: dict[str, str], path: Path) -> None:
         hue="bits",
         hue_order=bits_order,
         style="method",
-        style_order=["ConMH", "LSH"],
-        dashes={"ConMH": "", "LSH": (4, 2)},
+        style_order=list(METHOD_DISPLAY.values()),
+        dashes={"ConMH": "", "ITQ": (1, 1.5), "LSH": (4, 2)},
         markers=True,
         col="panel",
         col_order=order,
@@ -242,7 +312,59 @@ def figure_map(long: pd.DataFrame, sources: dict[str, str], path: Path) -> None:
     )
     grid.set_titles("{col_name}")
     grid.set_axis_labels("K", "mAP@K")
-    grid.figure.suptitle("mAP@K: ConMH (solid) vs LSH baseline (dashed)", y=1.04)
+    grid.figure.suptitle("mAP@K: ConMH (solid) vs the ITQ (dotted) and LSH (dashed) baselines", y=1.04)
+    _save(grid.figure, path)
+    plt.close(grid.figure)
+
+
+def figure_pr(pr: pd.DataFrame, path: Path) -> None:
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    grid = sns.relplot(
+        data=pr.assign(bits=pr["bits"].map(lambda b: f"{b} bits")),
+        kind="line",
+        x="recall",
+        y="precision",
+        hue="method",
+        hue_order=[m for m in METHOD_DISPLAY.values() if m in set(pr["method"])],
+        sort=False,  # in order of radius, as the table lists them
+        marker=".",
+        col="dataset",
+        row="bits",
+        height=2.6,
+        aspect=1.15,
+    )
+    grid.set_titles("{col_name}, {row_name}")
+    grid.figure.suptitle("Precision against recall, a point per Hamming radius r = 0 .. bits", y=1.02)
+    _save(grid.figure, path)
+    plt.close(grid.figure)
+
+
+def figure_per_class(per_class: pd.DataFrame, k: int, path: Path) -> None:
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    grid = sns.relplot(
+        data=per_class[per_class["rank"] >= 0],
+        kind="line",
+        x="rank",
+        y="mAP",
+        hue="method",
+        hue_order=[m for m in METHOD_DISPLAY.values() if m in set(per_class["method"])],
+        marker="o" if per_class["rank"].max() < 50 else None,
+        col="dataset",
+        height=3.0,
+        aspect=1.2,
+        facet_kws={"sharex": False},
+    )
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in grid.axes.flat:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    grid.set_titles("{col_name}")
+    grid.set_axis_labels("class, by ConMH's mAP (best first)", f"mAP@{k} of the class's queries")
+    grid.figure.suptitle(f"Per-class mAP@{k} at the longest code length", y=1.04)
     _save(grid.figure, path)
     plt.close(grid.figure)
 
@@ -329,7 +451,11 @@ def figures_of(cfg: dict) -> tuple[str, ...]:
     ours_vs_paper needs a real dataset at one of the paper's code lengths and K values; loss_curves
     needs a trained run."""
     compared = any(is_real(cfg, d) and (d, b) in PAPER and set(cfg["ks"]) & set(PAPER_KS) for d, b in runs(cfg))
-    return ("map_at_k",) + (("ours_vs_paper",) if compared else ()) + (("loss_curves",) if trained_runs(cfg) else ())
+    return (
+        ("map_at_k", "pr_curves", "per_class")
+        + (("ours_vs_paper",) if compared else ())
+        + (("loss_curves",) if trained_runs(cfg) else ())
+    )
 
 
 def loss_table(logs: pd.DataFrame, sources: dict[str, str]) -> pd.DataFrame:
@@ -468,17 +594,20 @@ def write_report(cfg: dict) -> None:
     sources = {d: cfg[d]["source"] for d in cfg["datasets"]}
     released = {(d, b) for d, b in runs(cfg) if released_checkpoint(cfg, d, b) is not None}
     logs = load_logs({(d, b): Path(lay.train_log(d, b)) for d, b in trained_runs(cfg)})
-    long = load_metrics([Path(lay.metrics(m, d, b)) for d, b in runs(cfg) for m in METHODS])
+    metric_files = [Path(lay.metrics(m, d, b)) for d, b in runs(cfg) for m in METHODS]
+    long, details = load_metrics(metric_files), load_details(metric_files)
     table = build_table(long, sources, released)
     markdown = to_markdown(table)
     csv = {"float_format": "%.6f", "index": False}
     write_text_atomic(files["table_csv"], table.to_csv(**csv))
     write_text_atomic(files["table_md"], markdown)
     write_text_atomic(files["table_tex"], to_latex(table))
-    for (dataset, method, bits), values in summary(long).items():
+    for (dataset, method, bits), values in summary(long, details).items():
         write_text_atomic(lay.summary(method, dataset, bits), json.dumps(values, indent=1) + "\n")
     write_text_atomic(files["curves"], curves(long, sources).to_csv(**csv))
     write_text_atomic(files["loss"], loss_table(logs, sources).to_csv(**csv))
+    pr = pr_table(details, sources)
+    write_text_atomic(files["pr"], pr.to_csv(**csv))
     provenance = {
         "runtimes": (
             "Training runs",
@@ -502,6 +631,9 @@ def write_report(cfg: dict) -> None:
     write_text_atomic(files["provenance_html"], html_page("How these results were made", list(provenance.values())))
     write_text_atomic(files["table_html"], html_page("mAP@K", [("", " ".join(table_notes(table)), formatted(table))]))
     figure_map(long, sources, files["fig_map_at_k"])
+    figure_pr(pr, files["fig_pr_curves"])
+    k = PER_CLASS_K if PER_CLASS_K in cfg["ks"] else max(cfg["ks"])
+    figure_per_class(per_class_table(details, sources, k), k, files["fig_per_class"])
     if "fig_ours_vs_paper" in files:
         figure_paper(long, sources, files["fig_ours_vs_paper"])
     if "fig_loss_curves" in files:

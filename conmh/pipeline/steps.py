@@ -2,7 +2,7 @@
 
 Both engines run ``conmh pipeline STEP --dataset D --bits B``, which loads the
 configuration and calls the function of the same name here, so they cannot
-drift apart. Where a step is a ``conmh`` command (verify, train, encode, lsh,
+drift apart. Where a step is a ``conmh`` command (verify, train, encode, lsh, itq,
 evaluate), it runs the very command a user would type, printed first with a
 ``+`` in the job's log, so any step can be repeated by hand.
 """
@@ -208,8 +208,28 @@ def lsh(cfg: dict, dataset: str, bits: int) -> int:
     )
 
 
+def itq(cfg: dict, dataset: str, bits: int) -> int:
+    """The ITQ baseline's codes."""
+    return conmh(
+        [
+            "itq",
+            "--dataset",
+            dataset,
+            "--data-dir",
+            data_dir(cfg, dataset),
+            "--bits",
+            str(bits),
+            "--out",
+            Layout.of(cfg).codes("itq", dataset, bits),
+            "--seed",
+            str(cfg["itq_seed"]),
+        ]
+    )
+
+
 def evaluate(cfg: dict, method: str, dataset: str, bits: int) -> int:
-    """mAP@K of one codes file, for the configured K values."""
+    """mAP@K (for the configured K values), precision and recall by Hamming radius and per-class mAP@K of
+    one codes file; every query's AP@K beside it."""
     lay = Layout.of(cfg)
     return conmh(
         [
@@ -219,6 +239,8 @@ def evaluate(cfg: dict, method: str, dataset: str, bits: int) -> int:
             lay.metrics(method, dataset, bits),
             "--ks",
             ",".join(str(k) for k in cfg["ks"]),
+            "--per-query",
+            lay.per_query(method, dataset, bits),
         ]
     )
 

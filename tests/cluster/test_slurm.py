@@ -118,7 +118,16 @@ def test_default_pipeline_on_slurm_gives_the_rows_of_the_local_table(cluster, sn
 
     jobs = jobs_of_run(run_id, since)
     counts = collections.Counter(job["rule"] for job in jobs)
-    assert counts == {"download": 3, "verify": 3, "train": 3, "encode": 3, "lsh": 3, "evaluate": 6, "report": 1}
+    assert counts == {
+        "download": 3,
+        "verify": 3,
+        "train": 3,
+        "encode": 3,
+        "lsh": 3,
+        "itq": 3,
+        "evaluate": 9,
+        "report": 1,
+    }
     for job in jobs:
         assert job["State"] == "COMPLETED", job
         assert job["Account"] == cluster.account, job

@@ -41,8 +41,8 @@ def expected_jobs(datasets=DATASETS, bits=BITS, trained=None) -> set[tuple[str, 
     for d in datasets:
         jobs |= {("download", d), ("verify", d)}
         for b in bits:
-            jobs |= {("encode", d, str(b)), ("lsh", d, str(b))}
-            jobs |= {("evaluate", m, d, str(b)) for m in ("conmh", "lsh")}
+            jobs |= {("encode", d, str(b)), ("lsh", d, str(b)), ("itq", d, str(b))}
+            jobs |= {("evaluate", m, d, str(b)) for m in ("conmh", "lsh", "itq")}
             if (d, b) in trained:
                 jobs.add(("train", d, str(b)))
     return jobs
@@ -214,14 +214,14 @@ def metrics_of(repo: Path) -> dict[str, dict]:
 
 def test_miniature_pipeline_runs_end_to_end_and_training_beats_lsh(snakemake_run):
     table = pd.read_csv(snakemake_run / "results" / "table.csv")
-    assert len(table) == len(DATASETS) * len(BITS) * 2
+    assert len(table) == len(DATASETS) * len(BITS) * 3  # ConMH, ITQ, LSH
     assert set(table["data"]) == {"synthetic"}
     cols = [f"mAP@{k}" for k in PAPER_KS]
     for (dataset, bits), group in table.groupby(["dataset", "bits"]):
         rows = group.set_index("result")
         ours, lsh = rows.loc["ConMH (ours)", cols], rows.loc["LSH (ours)", cols]
         assert (ours > lsh).all(), f"{dataset} {bits} bits: ConMH {list(ours)} vs LSH {list(lsh)}"
-    assert len(metrics_of(snakemake_run)) == 18
+    assert len(metrics_of(snakemake_run)) == 27
     figures = snakemake_run / "results" / "figures"
     assert sorted(p.name for p in figures.iterdir()) == ["loss_curves.png", "map_at_k.png"]  # miniatures only
     for name in ("map_at_k.png", "loss_curves.png"):
@@ -304,7 +304,7 @@ def test_dvc_repro_in_a_fresh_clone_gives_the_same_results(snakemake_run, tmp_pa
     assert status.returncode == 0 and json.loads(status.stdout) == {}, output(status)  # data included
 
     ours, theirs = metrics_of(clone), metrics_of(snakemake_run)
-    assert ours.keys() == theirs.keys() and len(ours) == 18
+    assert ours.keys() == theirs.keys() and len(ours) == 27
     for name in ours:
         assert ours[name]["map"] == theirs[name]["map"], name
     # The codes themselves are identical (file hashes may differ: a checkpoint's bytes,
@@ -324,16 +324,16 @@ def test_dvc_repro_in_a_fresh_clone_gives_the_same_results(snakemake_run, tmp_pa
     assert shown.returncode == 0, output(shown)
     (workspace,) = json.loads(shown.stdout).values()
     rows = workspace["data"]
-    assert len(rows) == 18 and rows["results/summary/yfcc/conmh-64bits.json"]["data"]["mAP@20"] > 0
+    assert len(rows) == 27 and rows["results/summary/yfcc/conmh-64bits.json"]["data"]["mAP@20"] > 0
     plots = run(["dvc", "plots", "show", "--json"], clone)
     assert plots.returncode == 0 and "errors" not in json.loads(plots.stdout), output(plots)
     drawn = json.loads(plots.stdout)["data"]["results/plots/map_at_k.csv"][0]["content"]["data"]["values"]
-    assert len(drawn) == 18 * 7
+    assert len(drawn) == 27 * 7
     losses = json.loads(plots.stdout)["data"]["results/plots/loss.csv"][0]["content"]["data"]["values"]
     assert len(losses) == 9 * 3  # a point per trained run and epoch
 
     # A temporary experiment with another LSH seed runs in its own copy: its LSH metrics change, its
-    # ConMH metrics do not, and the workspace is untouched.
+    # ConMH and ITQ metrics do not, and the workspace is untouched.
     def files() -> dict[Path, bytes]:
         return {p: p.read_bytes() for p in (clone / "results").rglob("*") if p.is_file()}
 
@@ -349,7 +349,7 @@ def test_dvc_repro_in_a_fresh_clone_gives_the_same_results(snakemake_run, tmp_pa
     base, changed = revisions[0]["data"]["metrics"], exp["data"]["metrics"]
     for name in base:
         same = base[name]["data"] == changed[name]["data"]
-        assert same == ("/conmh-" in name), name
+        assert same == ("/lsh-" not in name), name
 
     # The data is DVC's too: a changed feature file of one dataset shows as exactly that dataset's
     # miniature (a cached output) and the download stage that depends on it; the next `dvc repro`

@@ -31,7 +31,17 @@ from conmh.verify import verify_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
 DATASETS = ("fcvid", "activitynet")
-PIPELINE_STEPS = ("download", "verify", "train", "encode", "evaluate conmh", "lsh", "evaluate lsh")
+PIPELINE_STEPS = (
+    "download",
+    "verify",
+    "train",
+    "encode",
+    "evaluate conmh",
+    "lsh",
+    "evaluate lsh",
+    "itq",
+    "evaluate itq",
+)
 
 
 # --------------------------------------------------------------------------- the generator
@@ -169,7 +179,7 @@ def test_tiny_rehearsal_measures_every_step_of_both_datasets(tiny) -> None:
 def test_tiny_rehearsal_evaluates_in_full_and_reports(tiny) -> None:
     out, result, _ = tiny
     for d in DATASETS:
-        for method in ("conmh", "lsh"):
+        for method in ("conmh", "lsh", "itq"):
             metrics = json.loads((out / "run" / "results" / "metrics" / d / f"{method}-64bits.json").read_text())
             assert metrics["bits"] == 64 and set(metrics["map"]) == {"5", "10", "20", "40", "60", "80", "100"}
             assert result["map"][d][method] == metrics["map"]

@@ -944,7 +944,7 @@ def _wrong_arch_checkpoint(s: Scratch) -> Path:
     return s.root / "fcvid-run" / "model.pt"
 
 
-RULE_ORDER = {"download": 0, "verify": 1, "train": 2, "encode": 3, "lsh": 3, "evaluate": 4, "report": 5}
+RULE_ORDER = {"download": 0, "verify": 1, "train": 2, "encode": 3, "lsh": 3, "itq": 3, "evaluate": 4, "report": 5}
 
 
 def _stale_outputs(s: Scratch) -> Path:

@@ -224,6 +224,8 @@ def test_each_step_runs_the_conmh_command_a_user_would_type(cfg, monkeypatch):
         "results/metrics/yfcc/lsh-64bits.json",
         "--ks",
         "5,10,20,40,60,80,100",
+        "--per-query",
+        "work/metrics/yfcc/lsh-64bits.per_query.csv",
     ]
 
 
@@ -617,7 +619,21 @@ def test_miniature_is_generated_once_then_kept(tmp_path):
 
 
 def _metrics(dataset: str, method: str, bits: int, value: float, ks=(5, 10, 20, 40, 60, 80, 100)) -> dict:
-    return {"dataset": dataset, "method": method, "bits": bits, "map": {str(k): value - k / 1000 for k in ks}}
+    radius = list(range(bits + 1))
+    return {
+        "dataset": dataset,
+        "method": method,
+        "bits": bits,
+        "map": {str(k): value - k / 1000 for k in ks},
+        "precision_within_radius_2": value / 2,
+        "pr_curve": {
+            "radius": radius,
+            "precision": [value / (1 + r) for r in radius],
+            "recall": [r / bits for r in radius],
+        },
+        # three classes, the last without a query
+        "per_class_map": {"n_queries": [4, 2, 0], "map": {str(k): [value, value / 3, None] for k in ks}},
+    }
 
 
 def _long(tmp_path: Path, runs: list[tuple[str, int]], ks=(5, 10, 20, 40, 60, 80, 100)) -> pd.DataFrame:
@@ -706,7 +722,7 @@ def test_report_writes_tables_figures_metrics_and_plots(tmp_path):
     cfg = settings.check_config(raw)
     lay = Layout.of(cfg)
     for d, b in settings.runs(cfg):
-        for method, value in (("conmh", 0.5), ("lsh", 0.2)):
+        for method, value in (("conmh", 0.5), ("lsh", 0.2), ("itq", 0.3)):
             path = Path(lay.metrics(method, d, b))
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(_metrics(d, method, b, value)))
@@ -767,36 +783,46 @@ def test_report_writes_tables_figures_metrics_and_plots(tmp_path):
     loss = pd.read_csv(out / "plots" / "loss.csv")
     assert list(loss.columns) == ["dataset", "bits", "epoch", "loss", "recon", "contrast"] and len(loss) == 6
     table = pd.read_csv(out / "table.csv")
-    assert len(table) == 4 and set(table["data"]) == {"synthetic"}
+    assert len(table) == 6 and set(table["data"]) == {"synthetic"}
+    assert list(table["result"][:3]) == ["ConMH (ours)", "ITQ (ours)", "LSH (ours)"]
     assert "synthetic" in (out / "table.md").read_text()
     assert (out / "table.tex").read_text().startswith("\\begin{tabular}")
     assert sorted(p.relative_to(out / "summary").as_posix() for p in (out / "summary").rglob("*.json")) == [
         "activitynet/conmh-16bits.json",
         "activitynet/conmh-64bits.json",
+        "activitynet/itq-16bits.json",
+        "activitynet/itq-64bits.json",
         "activitynet/lsh-16bits.json",
         "activitynet/lsh-64bits.json",
     ]
     summary = json.loads((out / "summary" / "activitynet" / "conmh-16bits.json").read_text())
-    assert list(summary) == [f"mAP@{k}" for k in (5, 10, 20, 40, 60, 80, 100)]
-    assert summary["mAP@5"] == pytest.approx(0.495)
+    assert list(summary) == [f"mAP@{k}" for k in (5, 10, 20, 40, 60, 80, 100)] + ["P@r<=2"]
+    assert summary["mAP@5"] == pytest.approx(0.495) and summary["P@r<=2"] == pytest.approx(0.25)
+    pr = pd.read_csv(out / "plots" / "pr_curve.csv")
+    assert list(pr.columns) == ["dataset", "method", "bits", "radius", "precision", "recall"]
+    assert len(pr) == 3 * (17 + 65) and list(pr["method"].unique()) == ["ConMH", "ITQ", "LSH"]
+    lsh16 = pr[(pr["method"] == "LSH") & (pr["bits"] == 16)]
+    assert list(lsh16["radius"]) == list(range(17)) and lsh16["precision"].iloc[2] == pytest.approx(0.2 / 3, abs=1e-6)
     curves = pd.read_csv(out / "plots" / "map_at_k.csv")
     assert list(curves.columns) == ["dataset", "method", "bits", "k", "mAP"]
-    assert len(curves) == 2 * 2 * 7 and set(curves["dataset"]) == {"ActivityNet (synthetic)"}
+    assert len(curves) == 3 * 2 * 7 and set(curves["dataset"]) == {"ActivityNet (synthetic)"}
     lsh64 = curves[(curves["method"] == "LSH") & (curves["bits"] == 64)]
     assert list(lsh64["k"]) == [5, 10, 20, 40, 60, 80, 100]
     assert list(lsh64["mAP"]) == pytest.approx([0.2 - k / 1000 for k in (5, 10, 20, 40, 60, 80, 100)])
     # No real dataset: no comparison with the paper, and no figure drawn empty to say so.
-    assert sorted(p.name for p in (out / "figures").iterdir()) == ["loss_curves.png", "map_at_k.png"]
-    for name in ("map_at_k.png", "loss_curves.png"):
+    drawn = ["loss_curves.png", "map_at_k.png", "per_class.png", "pr_curves.png"]
+    assert sorted(p.name for p in (out / "figures").iterdir()) == drawn
+    for name in drawn:
         assert (out / "figures" / name).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_a_figure_with_nothing_to_show_is_left_out(cfg):
-    assert report.figures_of(cfg) == ("map_at_k", "loss_curves")  # miniatures only
+    always = ("map_at_k", "pr_curves", "per_class")
+    assert report.figures_of(cfg) == (*always, "loss_curves")  # miniatures only
     cfg["yfcc"]["source"] = "real"
-    assert report.figures_of(cfg) == ("map_at_k", "ours_vs_paper", "loss_curves")
+    assert report.figures_of(cfg) == (*always, "ours_vs_paper", "loss_curves")
     cfg["bits"] = [128]  # no paper numbers at 128 bits
-    assert report.figures_of(cfg) == ("map_at_k", "loss_curves")
+    assert report.figures_of(cfg) == (*always, "loss_curves")
     cfg["bits"] = [64]
     cfg["checkpoints"] = {d: {"64": f"/m/{d}.pth"} for d in DATASETS}  # nothing trained
-    assert report.figures_of(cfg) == ("map_at_k", "ours_vs_paper")
+    assert report.figures_of(cfg) == (*always, "ours_vs_paper")

@@ -1,4 +1,4 @@
-# Codes (ConMH and the LSH baseline) and their mAP@K.
+# Codes (ConMH and the LSH and ITQ baselines) and their mAP@K.
 
 
 rule encode:
@@ -38,11 +38,29 @@ rule lsh:
         "conmh pipeline lsh --dataset {wildcards.dataset} --bits {wildcards.bits} --config {params.config} --log {log}"
 
 
+rule itq:
+    input:
+        verify=LAYOUT.verify_report("{dataset}"),
+        # the data folder itself (not committed): a fresh clone downloads or generates it again
+        downloaded=LAYOUT.download_done("{dataset}"),
+    output:
+        codes=LAYOUT.codes("itq", "{dataset}", "{bits}"),
+    log:
+        LAYOUT.log("itq", "{dataset}-{bits}bits"),
+    benchmark:
+        LAYOUT.benchmark("itq", "{dataset}-{bits}bits")
+    params:
+        config=CONFIG,
+    shell:
+        "conmh pipeline itq --dataset {wildcards.dataset} --bits {wildcards.bits} --config {params.config} --log {log}"
+
+
 rule evaluate:
     input:
         codes=LAYOUT.codes("{method}", "{dataset}", "{bits}"),
     output:
         metrics=LAYOUT.metrics("{method}", "{dataset}", "{bits}"),
+        per_query=LAYOUT.per_query("{method}", "{dataset}", "{bits}"),
     log:
         LAYOUT.log("evaluate", "{method}-{dataset}-{bits}bits"),
     benchmark:

@@ -14,6 +14,7 @@ rule report:
         table_md=REPORT["table_md"],
         table_tex=REPORT["table_tex"],
         curves=REPORT["curves"],
+        pr=REPORT["pr"],
         loss=REPORT["loss"],
         figures=[
             report(REPORT[f"fig_{name}"], caption=f"../report/{name}.rst", category="2. Figures") for name in FIGURES
