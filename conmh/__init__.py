@@ -15,6 +15,11 @@ _API = {
     "encode_videos": "conmh.api",  # not "encode": that is the module conmh.encode
     "map_at_k": "conmh.metrics",
     "average_precision_at_k": "conmh.metrics",
+    "precision_recall_at_radius": "conmh.metrics",
+    "per_class_map": "conmh.metrics",
+    "full_ranking_average_precision": "conmh.metrics",
+    "fit_itq": "conmh.encode",
+    "itq_bits": "conmh.encode",
     "hamming_search": "conmh.hamming",
     "write_generic": "conmh.generic",
     "pack_bits": "conmh.codes",

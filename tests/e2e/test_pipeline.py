@@ -223,9 +223,14 @@ def test_miniature_pipeline_runs_end_to_end_and_training_beats_lsh(snakemake_run
         assert (ours > lsh).all(), f"{dataset} {bits} bits: ConMH {list(ours)} vs LSH {list(lsh)}"
     assert len(metrics_of(snakemake_run)) == 27
     figures = snakemake_run / "results" / "figures"
-    assert sorted(p.name for p in figures.iterdir()) == ["loss_curves.png", "map_at_k.png"]  # miniatures only
-    for name in ("map_at_k.png", "loss_curves.png"):
+    drawn = ["loss_curves.png", "map_at_k.png", "per_class.png", "pr_curves.png"]  # miniatures only: no paper
+    assert sorted(p.name for p in figures.iterdir()) == drawn
+    for name in drawn:
         assert (figures / name).stat().st_size > 1000
+    pr = pd.read_csv(snakemake_run / "results" / "plots" / "pr_curve.csv")
+    assert len(pr) == len(DATASETS) * 3 * sum(b + 1 for b in BITS)  # a point per radius 0..bits
+    per_query = pd.read_csv(snakemake_run / "work" / "metrics" / "yfcc" / "itq-64bits.per_query.csv")
+    assert per_query["ap@20"].mean() == pytest.approx(metrics_of(snakemake_run)["yfcc/itq-64bits.json"]["map"]["20"])
     log = (snakemake_run / "results" / "train" / "yfcc" / "64bits.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in log] == [1, 2, 3]
 
@@ -270,7 +275,9 @@ def test_the_html_report_reads_well_in_a_browser(snakemake_run, tmp_path):
         page.goto(report.as_uri())
         page.get_by_text("2. Figures", exact=True).first.click()
         figures = page.inner_text("body")
-        assert "map_at_k.png" in figures and "loss_curves.png" in figures and "ours_vs_paper.png" not in figures
+        for name in ("map_at_k.png", "pr_curves.png", "per_class.png", "loss_curves.png"):
+            assert name in figures
+        assert "ours_vs_paper.png" not in figures
         made = open_entry(page, "3. How it was made", "index.html")
         for heading in ("Training runs", "Data", "Software and machine", "Configuration"):
             assert heading in made

@@ -101,6 +101,11 @@ def test_features_that_do_not_fit_the_model_are_refused(tmp_path):
         conmh.encode_videos(model, np.zeros((2, 6, 31), np.float32), device="cpu")
 
 
+def test_every_api_name_resolves():
+    for name in conmh.__all__:
+        assert getattr(conmh, name) is not None, name
+
+
 def test_import_conmh_does_not_import_torch():
     import subprocess
     import sys
