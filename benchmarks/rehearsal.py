@@ -301,42 +301,27 @@ def jobs(cfg: dict, config: Path, out: Path, kind: str, scale: float, seed: int,
                 [lay.codes("conmh", d, BITS)],
                 lay.log("encode", f"{d}-{BITS}bits"),
             ),
-            Step(
-                "evaluate conmh",
-                d,
-                step_command("evaluate", config, d, BITS, method="conmh"),
-                [lay.metrics("conmh", d, BITS)],
-                lay.log("evaluate", f"conmh-{d}-{BITS}bits"),
-            ),
-            Step(
-                "lsh",
-                d,
-                step_command("lsh", config, d, BITS),
-                [lay.codes("lsh", d, BITS)],
-                lay.log("lsh", f"{d}-{BITS}bits"),
-            ),
-            Step(
-                "evaluate lsh",
-                d,
-                step_command("evaluate", config, d, BITS, method="lsh"),
-                [lay.metrics("lsh", d, BITS)],
-                lay.log("evaluate", f"lsh-{d}-{BITS}bits"),
-            ),
-            Step(
-                "itq",
-                d,
-                step_command("itq", config, d, BITS),
-                [lay.codes("itq", d, BITS)],
-                lay.log("itq", f"{d}-{BITS}bits"),
-            ),
-            Step(
-                "evaluate itq",
-                d,
-                step_command("evaluate", config, d, BITS, method="itq"),
-                [lay.metrics("itq", d, BITS)],
-                lay.log("evaluate", f"itq-{d}-{BITS}bits"),
-            ),
         ]
+        for method in METHODS:  # conmh's codes come from encode; each baseline's from its own step
+            if method != "conmh":
+                todo.append(
+                    Step(
+                        method,
+                        d,
+                        step_command(method, config, d, BITS),
+                        [lay.codes(method, d, BITS)],
+                        lay.log(method, f"{d}-{BITS}bits"),
+                    )
+                )
+            todo.append(
+                Step(
+                    f"evaluate {method}",
+                    d,
+                    step_command("evaluate", config, d, BITS, method=method),
+                    [lay.metrics(method, d, BITS)],
+                    lay.log("evaluate", f"{method}-{d}-{BITS}bits"),
+                )
+            )
     report = list(lay.report_files(figures_of(cfg)).values()) + [
         lay.summary(m, d, BITS) for d in cfg["datasets"] for m in METHODS
     ]

@@ -83,6 +83,18 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="do not draw progress bars")
 
 
+def _add_official_checkpoint_args(p: argparse.ArgumentParser) -> None:
+    """What an official checkpoint (which does not record its architecture) needs, and the encoding batch."""
+    p.add_argument("--bits", type=_positive_int, help="code length of an official checkpoint")
+    p.add_argument(
+        "--preset",
+        default=PAPER_PRESET,
+        choices=tuple(PRESETS),
+        help=f"architecture of an official checkpoint (default: {PAPER_PRESET})",
+    )
+    p.add_argument("--batch-size", type=_positive_int, default=1024, help="videos per forward pass (default: 1024)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="conmh",
@@ -197,14 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, type=Path, help="model.pt of `conmh train`, or an official .pth")
     _add_dataset_args(p)
     p.add_argument("--out", required=True, type=Path, help="codes file to write (HDF5)")
-    p.add_argument("--bits", type=_positive_int, help="code length of an official checkpoint")
-    p.add_argument(
-        "--preset",
-        default=PAPER_PRESET,
-        choices=tuple(PRESETS),
-        help=f"architecture of an official checkpoint (default: {PAPER_PRESET})",
-    )
-    p.add_argument("--batch-size", type=_positive_int, default=1024, help="videos per forward pass (default: 1024)")
+    _add_official_checkpoint_args(p)
     _add_runtime_args(p)
 
     p = sub.add_parser("lsh", help="LSH baseline codes: random projection of mean-pooled features", epilog=EPILOG)
@@ -269,14 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", type=Path, help="HDF5 features (N, frames, dim) of query videos, encoded first")
     p.add_argument("--key", default="feats", help="array of the features file (default: feats)")
     p.add_argument("--checkpoint", type=Path, help="model to encode --features with (as `conmh encode`)")
-    p.add_argument("--bits", type=_positive_int, help="code length of an official checkpoint")
-    p.add_argument(
-        "--preset",
-        default=PAPER_PRESET,
-        choices=tuple(PRESETS),
-        help=f"architecture of an official checkpoint (default: {PAPER_PRESET})",
-    )
-    p.add_argument("--batch-size", type=_positive_int, default=1024, help="videos per forward pass (default: 1024)")
+    _add_official_checkpoint_args(p)
     p.add_argument("--index", type=Path, help="search this faiss index of the database (`conmh export`) instead")
     p.add_argument("--workers", type=_positive_int, help="search threads (default: all usable CPUs)")
     p.add_argument("--format", choices=("csv", "json"), default="csv", help="output format (default: csv)")

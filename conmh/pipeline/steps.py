@@ -189,11 +189,11 @@ def encode(cfg: dict, dataset: str, bits: int, threads: int | None = None) -> in
         return conmh(argv)
 
 
-def lsh(cfg: dict, dataset: str, bits: int) -> int:
-    """The LSH baseline's codes."""
+def _baseline(cfg: dict, method: str, dataset: str, bits: int) -> int:
+    """``conmh lsh`` or ``conmh itq``: a baseline's codes, seeded by ``<method>_seed``."""
     return conmh(
         [
-            "lsh",
+            method,
             "--dataset",
             dataset,
             "--data-dir",
@@ -201,30 +201,21 @@ def lsh(cfg: dict, dataset: str, bits: int) -> int:
             "--bits",
             str(bits),
             "--out",
-            Layout.of(cfg).codes("lsh", dataset, bits),
+            Layout.of(cfg).codes(method, dataset, bits),
             "--seed",
-            str(cfg["lsh_seed"]),
+            str(cfg[f"{method}_seed"]),
         ]
     )
+
+
+def lsh(cfg: dict, dataset: str, bits: int) -> int:
+    """The LSH baseline's codes."""
+    return _baseline(cfg, "lsh", dataset, bits)
 
 
 def itq(cfg: dict, dataset: str, bits: int) -> int:
     """The ITQ baseline's codes."""
-    return conmh(
-        [
-            "itq",
-            "--dataset",
-            dataset,
-            "--data-dir",
-            data_dir(cfg, dataset),
-            "--bits",
-            str(bits),
-            "--out",
-            Layout.of(cfg).codes("itq", dataset, bits),
-            "--seed",
-            str(cfg["itq_seed"]),
-        ]
-    )
+    return _baseline(cfg, "itq", dataset, bits)
 
 
 def evaluate(cfg: dict, method: str, dataset: str, bits: int) -> int:
