@@ -61,7 +61,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .codes import Codes, packed_width, padding_mask
-from .hamming import DEFAULT_CHUNK, TIE_RULE, as_words, hamming_row, hamming_search, in_chunks
+from .hamming import DEFAULT_CHUNK, TIE_RULE, as_words, check_count, hamming_row, hamming_search, in_chunks
 
 __all__ = [
     "KS",
@@ -100,8 +100,7 @@ def _check_inputs(
     nbits: int,
     ks: Sequence[int] | None,
 ) -> None:
-    if isinstance(nbits, bool) or not isinstance(nbits, (int, np.integer)) or nbits < 1:
-        raise ValueError(f"nbits must be a positive integer, got {nbits!r}")
+    check_count("nbits", nbits)
     if ks is not None and (  # None: the caller takes no K
         not ks or any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 for k in ks)
     ):

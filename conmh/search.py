@@ -151,10 +151,10 @@ def encode_feature_queries(
     checkpoint, which does not record it; the features give its dims.
     Raises CheckpointError when the features do not fit the checkpoint.
     """
+    from .api import load_model
     from .device import select_device
     from .encode import encode_features
     from .features import FeatureFiles
-    from .model import ModelConfig, load_checkpoint
 
     if not Path(features).is_file():
         raise MissingDataError(f"{features}: features file does not exist (expected HDF5, float32 (N, frames, dim))")
@@ -164,10 +164,7 @@ def encode_feature_queries(
             if query_index is None
             else parse_query_index(query_index, feats.n, f"rows of {features}")
         )
-        cfg = None
-        if bits is not None:
-            cfg = ModelConfig.from_preset(preset, feature_dim=feats.dim, frames=feats.frames, nbits=bits)
-        model = load_checkpoint(checkpoint, cfg=cfg)
+        model = load_model(checkpoint, bits=bits, feature_dim=feats.dim, frames=feats.frames, preset=preset)
         try:
             bits_ = encode_features(
                 model, RowSubset(feats, rows), select_device(device), batch_size, progress, "queries"

@@ -74,22 +74,24 @@ def col(k: int) -> str:
 # --------------------------------------------------------------------------- data
 
 
-def load_metrics(paths: list[Path]) -> pd.DataFrame:
-    """Long table (dataset, method, bits, k, map) of every metrics file."""
-    rows = []
+def load_details(paths: list[Path]) -> dict[tuple[str, str, int], dict]:
+    """Every metrics file by (dataset, method, bits), read once: mAP@K and the measures beyond it."""
+    out = {}
     for path in paths:
         m = json.loads(Path(path).read_text(encoding="utf-8"))
-        for k, value in m["map"].items():
-            rows.append(
-                {
-                    "dataset": m["dataset"],
-                    "method": m["method"],
-                    "bits": int(m["bits"]),
-                    "k": int(k),
-                    "map": float(value),
-                }
-            )
+        out[m["dataset"], m["method"], int(m["bits"])] = m
+    return out
+
+
+def long_table(details: dict[tuple[str, str, int], dict]) -> pd.DataFrame:
+    """Long table (dataset, method, bits, k, map) of the metrics files' mAP@K."""
+    rows = [(d, m, b, int(k), float(v)) for (d, m, b), metrics in details.items() for k, v in metrics["map"].items()]
     return pd.DataFrame(rows, columns=["dataset", "method", "bits", "k", "map"])
+
+
+def load_metrics(paths: list[Path]) -> pd.DataFrame:
+    """Long table (dataset, method, bits, k, map) of every metrics file."""
+    return long_table(load_details(paths))
 
 
 def load_logs(logs: dict[tuple[str, int], Path]) -> pd.DataFrame:
@@ -158,15 +160,6 @@ def summary(long: pd.DataFrame, details: dict[tuple[str, str, int], dict]) -> di
         out[key] = {col(int(k)): round(float(v), 6) for k, v in zip(group["k"], group["map"])}
         if "precision_within_radius_2" in details.get(key, {}):
             out[key]["P@r<=2"] = round(float(details[key]["precision_within_radius_2"]), 6)
-    return out
-
-
-def load_details(paths: list[Path]) -> dict[tuple[str, str, int], dict]:
-    """Every metrics file by (dataset, method, bits), for the measures beyond mAP@K."""
-    out = {}
-    for path in paths:
-        m = json.loads(Path(path).read_text(encoding="utf-8"))
-        out[m["dataset"], m["method"], int(m["bits"])] = m
     return out
 
 
@@ -595,7 +588,8 @@ def write_report(cfg: dict) -> None:
     released = {(d, b) for d, b in runs(cfg) if released_checkpoint(cfg, d, b) is not None}
     logs = load_logs({(d, b): Path(lay.train_log(d, b)) for d, b in trained_runs(cfg)})
     metric_files = [Path(lay.metrics(m, d, b)) for d, b in runs(cfg) for m in METHODS]
-    long, details = load_metrics(metric_files), load_details(metric_files)
+    details = load_details(metric_files)
+    long = long_table(details)
     table = build_table(long, sources, released)
     markdown = to_markdown(table)
     csv = {"float_format": "%.6f", "index": False}
