@@ -322,6 +322,7 @@ def figure_pr(pr: pd.DataFrame, path: Path) -> None:
         hue="method",
         hue_order=[m for m in METHOD_DISPLAY.values() if m in set(pr["method"])],
         sort=False,  # in order of radius, as the table lists them
+        estimator=None,  # every point as it is: several radii can share a recall, and must not be averaged
         marker=".",
         col="dataset",
         row="bits",

@@ -826,3 +826,25 @@ def test_a_figure_with_nothing_to_show_is_left_out(cfg):
     cfg["bits"] = [64]
     cfg["checkpoints"] = {d: {"64": f"/m/{d}.pth"} for d in DATASETS}  # nothing trained
     assert report.figures_of(cfg) == (*always, "ours_vs_paper")
+
+
+def test_the_pr_figure_draws_every_radius_as_it_is(tmp_path):
+    """Radii that share a recall are points of their own: not averaged (with a random bootstrap band)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    recall = [0.0, 0.5, 0.5, 0.5, 1.0, 1.0, 1.0]  # a code length's radii often reach the same recall
+    pr = pd.DataFrame(
+        {
+            "dataset": "FCVID (synthetic)",
+            "method": ["ConMH"] * 7 + ["LSH"] * 7,
+            "bits": 6,
+            "radius": list(range(7)) * 2,
+            "precision": [0.9, 0.8, 0.7, 0.6, 0.5, 0.3, 0.1, 0.6, 0.5, 0.4, 0.3, 0.3, 0.2, 0.1],
+            "recall": recall * 2,
+        }
+    )
+    first, second = tmp_path / "a.png", tmp_path / "b.png"
+    report.figure_pr(pr, first)
+    report.figure_pr(pr, second)
+    assert first.read_bytes() == second.read_bytes()
