@@ -184,6 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(faster, other rounding, see the README); auto: fp32 on every device (default: auto)",
     )
     p.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="bit-reproducible GPU training: deterministic kernels and the math attention kernel, so that "
+        "a rerun or a resumed run ends with the same weights (slower on GPUs, see benchmarks/README.md; "
+        "CPU training is deterministic without it)",
+    )
+    p.add_argument(
         "--activation-checkpointing",
         action="store_true",
         help="recompute the encoder blocks in the backward pass instead of keeping their activations: "
@@ -316,16 +323,19 @@ def cmd_verify(args: argparse.Namespace) -> None:
 
 
 def _init_distributed(device: str) -> bool:
-    """Join the process group when started by torchrun (WORLD_SIZE > 1)."""
+    """Join the process group when started by torchrun (even as its only process: the same code path)."""
     import torch
     import torch.distributed as dist
 
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+    if not {"WORLD_SIZE", "MASTER_ADDR"} <= os.environ.keys() or dist.is_initialized():
         return False
-    use_cuda = torch.cuda.is_available() and device != "cpu"
-    if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if use_cuda else "gloo")
+    if torch.cuda.is_available() and device != "cpu":
+        # NCCL only: every collective of the training runs on its GPU (conmh.train)
+        gpu = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(gpu)
+        dist.init_process_group("nccl", device_id=gpu)
+    else:
+        dist.init_process_group("gloo")
     return True
 
 
@@ -369,6 +379,7 @@ def _train(args: argparse.Namespace) -> None:
             progress=not args.no_progress,
             data_mode=args.data_mode,
             precision=args.precision,
+            deterministic=args.deterministic,
             activation_checkpointing=args.activation_checkpointing,
             keep_freed_memory=not args.default_allocator,
             meta={"dataset": args.dataset, "preset": args.preset},

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -68,11 +69,49 @@ def compute_precision(precision: str = "auto") -> str:
     return "fp32" if precision == "auto" else precision
 
 
-def set_float32_matmul(device: torch.device) -> None:
-    """float32 means float32: no TF32 in CUDA matrix products and convolutions."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+# cuBLAS needs one of these workspace settings to be deterministic (CUDA >= 10.2); read at its first use.
+CUBLAS_WORKSPACE_CONFIGS = (":4096:8", ":16:8")
+
+
+@contextlib.contextmanager
+def numerics(deterministic: bool = False) -> Iterator[None]:
+    """float32 means float32, for the duration: no TF32 in CUDA matrix products or convolutions.
+
+    NVIDIA's containers set ``TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1``, which makes
+    TF32 the process's default; training and encoding switch it off here
+    whatever the default, and restore the caller's settings on exit.
+
+    ``deterministic``: bit-reproducible kernels (``torch.use_deterministic_algorithms``,
+    cuDNN's deterministic algorithms, a fixed cuBLAS workspace, and the math
+    attention kernel, see ``conmh.model.attention``), so that a GPU run, rerun
+    or resumed, ends with the same weights. What it costs: benchmarks/README.md.
+    """
+    saved = (
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+        torch.are_deterministic_algorithms_enabled(),
+    )
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    if deterministic:
+        if os.environ.get("CUBLAS_WORKSPACE_CONFIG") not in CUBLAS_WORKSPACE_CONFIGS:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE_CONFIGS[0]
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        (
+            torch.backends.cuda.matmul.allow_tf32,
+            torch.backends.cudnn.allow_tf32,
+            torch.backends.cudnn.deterministic,
+            torch.backends.cudnn.benchmark,
+            deterministic_before,
+        ) = saved
+        torch.use_deterministic_algorithms(deterministic_before)
 
 
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

@@ -46,9 +46,17 @@ def encode_features(
     progress: bool = False,
     desc: str = "encode",
 ) -> np.ndarray:
-    """Bits (N, nbits) of every video: all frames visible, frame mean, sign (0 -> +1)."""
+    """Bits (N, nbits) of every video: all frames visible, frame mean, sign (0 -> +1).
+
+    In float32 without TF32 (``conmh.device.numerics``). The caller's model is
+    left as it was: where it is not on ``device``, a copy encodes; its
+    train/eval mode is restored.
+    """
+    import copy
+
     import torch
 
+    from .device import numerics
     from .model import encode_bits
 
     if (feats.frames, feats.dim) != (model.cfg.frames, model.cfg.feature_dim):
@@ -56,14 +64,21 @@ def encode_features(
             f"{feats.paths[0]}: key {feats.key!r} holds {feats.frames} frames x {feats.dim} dims, the model expects "
             f"{model.cfg.frames} x {model.cfg.feature_dim}"
         )
-    model.eval().to(device)
+    where = next(model.parameters()).device
+    on_device = where.type == device.type and device.index in (None, where.index)
+    net = model if on_device else copy.deepcopy(model).to(device)
+    was_training = net.training
+    net.eval()
     out = np.empty((feats.n, model.cfg.nbits), dtype=bool)
     starts = range(0, feats.n, batch_size)
-    for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
-        stop = min(feats.n, start + batch_size)
-        with torch.no_grad():
-            x = torch.from_numpy(feats.read(start, stop)).to(device)
-            out[start:stop] = encode_bits(model.video_mean_codes(x)).cpu().numpy()
+    try:
+        with numerics(), torch.no_grad():
+            for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
+                stop = min(feats.n, start + batch_size)
+                x = torch.from_numpy(feats.read(start, stop)).to(device)
+                out[start:stop] = encode_bits(net.video_mean_codes(x)).cpu().numpy()
+    finally:
+        net.train(was_training)
     return out
 
 

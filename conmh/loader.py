@@ -13,9 +13,12 @@ the same row order and a streamed run trains exactly as an in-memory one.
   ahead. Memory is bounded by those few batches, not by the dataset, so a
   168 GB training set trains in a few GB of RAM.
 
-With several processes (DDP) rank ``r`` takes every ``world``-th video of each
-global batch; a last partial batch loses its ``len % world`` trailing videos
-so that every rank has an equal share (the all-gather of the codes needs it).
+With several processes (DDP) every global batch keeps its size and is split
+into contiguous shares (:func:`rank_share`), as the official code's
+``nn.DataParallel`` splits a batch across GPUs: shares differ by at most one
+video, trailing ones may be empty, and every video of the epoch is seen once
+whatever the world size. ``conmh.train`` pads the shares to equal size for the
+all-gather of the codes.
 """
 
 from __future__ import annotations
@@ -30,16 +33,20 @@ import torch
 from .features import FeatureFiles
 
 
-def epoch_batches(n: int, seed: int, epoch: int, batch_size: int, world: int = 1) -> list[np.ndarray]:
+def epoch_batches(n: int, seed: int, epoch: int, batch_size: int) -> list[np.ndarray]:
     """The global batches of one epoch: sorted index arrays, the last one possibly partial."""
     order = np.random.default_rng([seed, epoch, 0x10AD]).permutation(n)
-    batches = []
-    for start in range(0, n, batch_size):
-        idx = order[start : start + batch_size]
-        idx = idx[: len(idx) - len(idx) % world]
-        if len(idx):
-            batches.append(np.sort(idx))
-    return batches
+    return [np.sort(order[start : start + batch_size]) for start in range(0, n, batch_size)]
+
+
+def rank_share(batch: int, rank: int, world: int) -> slice:
+    """The positions of a global batch of ``batch`` videos that ``rank`` of ``world`` trains on.
+
+    Contiguous chunks of ``ceil(batch / world)`` videos, the last ones shorter or
+    empty: how ``torch.chunk`` (and so ``nn.DataParallel``) splits a batch.
+    """
+    size = -(-batch // world)
+    return slice(min(rank * size, batch), min((rank + 1) * size, batch))
 
 
 class ResidentBatches:
@@ -68,8 +75,8 @@ class ResidentBatches:
             self.array[start:stop] = torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32)).to(device, dtype)
 
     def epoch(self, seed: int, epoch: int, batch_size: int, rank: int = 0, world: int = 1) -> Iterator[torch.Tensor]:
-        for idx in epoch_batches(self.n, seed, epoch, batch_size, world):
-            yield self.array[torch.from_numpy(idx[rank::world]).to(self.device)]
+        for idx in epoch_batches(self.n, seed, epoch, batch_size):
+            yield self.array[torch.from_numpy(idx[rank_share(len(idx), rank, world)]).to(self.device)]
 
 
 class StreamingBatches:
@@ -95,7 +102,7 @@ class StreamingBatches:
         return self.feats.take(idx)
 
     def epoch(self, seed: int, epoch: int, batch_size: int, rank: int = 0, world: int = 1) -> Iterator[torch.Tensor]:
-        plan = [idx[rank::world] for idx in epoch_batches(self.n, seed, epoch, batch_size, world)]
+        plan = [idx[rank_share(len(idx), rank, world)] for idx in epoch_batches(self.n, seed, epoch, batch_size)]
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,62 +56,71 @@ def gather_frames(feats: torch.Tensor, idx: torch.Tensor, first_row: int = 0) ->
     return feats[rows[:, None], idx]
 
 
-def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """MSE of each view's masked frames, summed over the two views (halves of the batch).
-
-    The two halves always have the same size, so the sum of their means is twice
-    the mean over both: one ``mse_loss`` call, without the zero-filled
-    full-size gradients that slicing the halves would cost in the backward pass.
-    """
-    if pred.shape[0] % 2:
-        raise ValueError(f"expected the two views stacked (an even batch), got {pred.shape[0]} rows")
-    if pred.dtype in (torch.float16, torch.bfloat16):  # autocast output: the loss in float32
-        pred = pred.float()
-    return 2 * F.mse_loss(pred, target.to(pred.dtype))
-
-
 def masked_reconstruction_loss(
     predict: Callable[[torch.Tensor], torch.Tensor],
     hidden: torch.Tensor,
     batch: torch.Tensor,
     masked_idx: torch.Tensor,
     chunk_rows: int = 128,
+    *,
+    videos: int | None = None,
+    of_videos: int | None = None,
 ) -> torch.Tensor:
-    """``reconstruction_loss`` of ``predict(hidden)`` against the masked frames of ``batch``, in chunks.
+    """MSE of each view's predicted masked frames, summed over the two views.
 
     ``hidden`` (2B, M, ·) are the masked tokens' decoder states of the two
-    stacked views, ``masked_idx`` (2B, M) their frames in ``batch`` (B, T, D).
-    The predictions and targets (2B x M x D: 300 MB at FCVID's batch of 512)
-    are never held whole on the CPU: each chunk of rows is predicted, compared
-    and, under activation checkpointing, predicted again in the backward pass.
-    The same loss up to float summation order, at a fraction of the host
-    memory. On a GPU everything is computed at once.
+    stacked views (rows 0..B-1 view 1, B..2B-1 view 2), ``masked_idx`` (2B, M)
+    their frames in ``batch`` (B, T, D). The two views have the same size, so
+    the sum of their means is twice the mean over both.
+
+    Data-parallel shares: only the first ``videos`` rows of each view count
+    (the rest pad a rank's share), and the mean is taken over ``of_videos``
+    videos (the global batch), so that the ranks' losses add up to the global
+    batch's loss. By default every row counts and the mean is over B videos.
+
+    On the CPU the predictions and targets (2B x M x D: 300 MB at FCVID's batch
+    of 512) are never held whole: each chunk of rows is predicted, compared and,
+    as under activation checkpointing, predicted again in the backward pass (the
+    same loss up to float summation order, at a fraction of the host memory).
+    GPU memory holds them easily: there everything is computed at once.
     """
     rows = hidden.shape[0]
     if rows % 2:
         raise ValueError(f"expected the two views stacked (an even batch), got {rows} rows")
-    if hidden.device.type != "cpu":  # GPU memory holds them easily: no recomputation there
-        return reconstruction_loss(predict(hidden), gather_frames(batch, masked_idx))
+    half = rows // 2
+    videos = half if videos is None else videos
+    of_videos = half if of_videos is None else of_videos
+    # Padding rows are predicted (so every parameter takes part in the backward pass, as DDP needs) but not counted.
+    counted = torch.arange(rows, device=hidden.device) % half < videos if videos < half else None
 
     def squared_error(h: torch.Tensor, idx: torch.Tensor, start: int) -> torch.Tensor:
         pred = predict(h)
         if pred.dtype in (torch.float16, torch.bfloat16):  # autocast output: the loss in float32
             pred = pred.float()
-        target = gather_frames(batch, idx, first_row=start).to(pred.dtype)
-        return (pred - target).square().sum()
+        error = (pred - gather_frames(batch, idx, first_row=start).to(pred.dtype)).square()
+        return error if counted is None else error[counted[start : start + len(h)]]
 
-    total = sum(
-        checkpoint(
-            squared_error,
-            hidden[start : start + chunk_rows],
-            masked_idx[start : start + chunk_rows],
-            start,
-            use_reentrant=False,
+    if hidden.device.type != "cpu":
+        total = squared_error(hidden, masked_idx, 0).sum()
+    else:
+        total = sum(
+            checkpoint(
+                lambda h, idx, start: squared_error(h, idx, start).sum(),
+                hidden[start : start + chunk_rows],
+                masked_idx[start : start + chunk_rows],
+                start,
+                use_reentrant=False,
+            )
+            for start in range(0, rows, chunk_rows)
         )
-        for start in range(0, rows, chunk_rows)
-    )
-    # Mean of each view, summed over the two views: the total over (rows / 2) * M * D.
-    return 2 * total / masked_idx.numel() / batch.shape[-1]
+    # Mean of each view, summed over the two views: the total over of_videos * M * D.
+    return 2 * total / (2 * of_videos * masked_idx.shape[1]) / batch.shape[-1]
+
+
+def _without_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def debiased_contrastive_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float, tau_plus: float) -> torch.Tensor:
@@ -126,7 +136,8 @@ def debiased_contrastive_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: f
         raise ValueError("the contrastive loss needs at least 1 video in a batch")
     # b == 1 (a last partial batch of one video): no negatives, the loss is 0, as in the official code.
     u = F.normalize(torch.cat([z1, z2]).float(), dim=1)
-    sim = torch.exp(u @ u.T / temperature)
+    with _without_autocast(u.device.type):  # under bf16 autocast u @ u.T would round to bf16 (the loss 0.15% off)
+        sim = torch.exp(u @ u.T / temperature)
     idx = torch.arange(2 * b, device=u.device)
     partner = (idx + b) % (2 * b)
     pos = sim[idx, partner]

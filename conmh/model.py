@@ -148,9 +148,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
     Our sequences are short (7 to 30 frames). There, PyTorch's CPU flash kernel
     is slower than the math backend, and with 2 threads 2-3.5x slower
     (benchmarks/README.md), so the CPU path asks for the math backend. On GPUs
-    the default choice (flash or memory-efficient kernels) is kept.
+    the default choice (flash or memory-efficient kernels) is kept, except
+    under deterministic algorithms (``conmh.device.numerics``): the
+    memory-efficient kernel's backward is not deterministic, the math one is.
     """
-    if q.device.type == "cpu":
+    if q.device.type == "cpu" or torch.are_deterministic_algorithms_enabled():
         with sdpa_kernel(SDPBackend.MATH):
             return F.scaled_dot_product_attention(q, k, v, scale=scale)
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
@@ -282,13 +284,23 @@ class ConMH(nn.Module):
         truncated_normal_(self.mask_token, std=0.02)
 
     def forward(
-        self, visible_feats: torch.Tensor, visible_idx: torch.Tensor, masked_idx: torch.Tensor, batch: torch.Tensor
+        self,
+        visible_feats: torch.Tensor,
+        visible_idx: torch.Tensor,
+        masked_idx: torch.Tensor,
+        batch: torch.Tensor,
+        videos: int | None = None,
+        of_videos: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Training pass of the stacked views: per-frame codes of the visible frames (2B, v, bits) and
-        the reconstruction loss of the masked frames of ``batch`` (B, T, D) (see ``conmh.losses``)."""
+        the reconstruction loss of the masked frames of ``batch`` (B, T, D); ``videos`` and
+        ``of_videos``: a data-parallel share's loss (see ``conmh.losses.masked_reconstruction_loss``)."""
         codes = self.frame_codes(visible_feats, visible_idx)
         hidden = self.decode(codes, visible_idx, masked_idx)
-        return codes, masked_reconstruction_loss(self.decoder.predict, hidden, batch, masked_idx)
+        loss = masked_reconstruction_loss(
+            self.decoder.predict, hidden, batch, masked_idx, videos=videos, of_videos=of_videos
+        )
+        return codes, loss
 
     def frame_codes(self, feats: torch.Tensor, frame_idx: torch.Tensor | None = None) -> torch.Tensor:
         """Per-frame {-1, +1} codes (B, V, nbits) of the given frames."""

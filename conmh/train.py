@@ -8,10 +8,14 @@ as an uninterrupted one. After ``recipe.epochs`` epochs the weights are kept as
 ``model.pt`` (official format, plus the architecture).
 
 Under ``torchrun`` (several processes, ``torch.distributed`` initialised) the
-model is wrapped in DistributedDataParallel, each rank trains on its share of
-every global batch of ``recipe.batch_size`` videos, and the contrastive loss
-is computed over the whole global batch (codes gathered from all ranks), as in
-the official single-process run. Rank 0 alone writes files.
+model is wrapped in DistributedDataParallel and each rank trains on its share
+of every global batch of ``recipe.batch_size`` videos (``conmh.loader``),
+with the masks the single process would draw for those videos; the
+contrastive loss is computed over the whole global batch (codes gathered from
+all ranks). So a run on N processes is the computation of the official
+single-process run, up to float summation order. Rank 0 alone reads and
+writes files: it hands the checkpoint it resumes from to the other ranks, so
+nodes need not share the output folder.
 
 Reading order: :func:`train` (set up, resume, loop over epochs, save) calls
 :func:`train_one_epoch`, which calls :func:`training_step` for every batch.
@@ -30,7 +34,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.nn as dist_nn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -42,13 +45,13 @@ from .device import (
     compute_precision,
     device_name,
     make_batches,
+    numerics,
     plan_data,
     select_device,
-    set_float32_matmul,
 )
-from .errors import CheckpointError, ConfigError
-from .loader import ResidentBatches, StreamingBatches
-from .losses import debiased_contrastive_loss, gather_frames, two_views
+from .errors import CheckpointError, ConfigError, ConMHError
+from .loader import ResidentBatches, StreamingBatches, rank_share
+from .losses import debiased_contrastive_loss, gather_frames, num_visible, two_views
 from .model import ConMH, ModelConfig
 from .recipes import Recipe
 
@@ -58,15 +61,16 @@ LOG = "train_log.jsonl"
 CHECKPOINT_FORMAT = "conmh-train-1"
 
 
-def epoch_generator(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
-    """The generator of one epoch's masks: a function of (seed, epoch, rank) only."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1024 + rank)
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The generator of one epoch's masks: a function of (seed, epoch) only, the same on every rank."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1024)
 
 
-def _distributed() -> tuple[int, int]:
+def _process_group() -> tuple[int, int] | None:
+    """(rank, world size) of this process in its process group (joined under torchrun, even alone), else None."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return None
 
 
 # --------------------------------------------------------------------------- one step, one epoch
@@ -74,28 +78,67 @@ def _distributed() -> tuple[int, int]:
 
 @dataclass
 class StepOutput:
-    loss: torch.Tensor
-    recon: torch.Tensor
-    contrast: torch.Tensor
+    loss: torch.Tensor  # what this process backpropagates
+    recon: torch.Tensor  # this process's part of the global batch's reconstruction loss (all of it on one process)
+    contrast: torch.Tensor  # the global batch's contrastive loss
 
 
-def training_step(model: nn.Module, feats: torch.Tensor, recipe: Recipe, generator: torch.Generator) -> StepOutput:
+def gather_codes(z: torch.Tensor, batch: int) -> torch.Tensor:
+    """The global batch's video codes (batch, bits), in batch order, from every rank's padded share ``z``.
+
+    This rank's rows keep their gradient; the other ranks' rows are constants.
+    Each rank so gets the gradient of the whole batch's loss with respect to
+    its own codes, and the sum over ranks is the single process's gradient
+    (``training_step`` scales the loss by the world size, DDP averages).
+    """
+    rank, world = _process_group()
+    everyone = torch.empty((world * len(z), *z.shape[1:]), dtype=z.dtype, device=z.device)
+    dist.all_gather_into_tensor(everyone, z.detach().contiguous())
+    shares = list(everyone.split(len(z)))
+    shares[rank] = z
+    return torch.cat([share[: len(range(batch)[rank_share(batch, r, world)])] for r, share in enumerate(shares)])
+
+
+def training_step(
+    model: nn.Module,
+    feats: torch.Tensor,
+    recipe: Recipe,
+    generator: torch.Generator,
+    *,
+    first: int = 0,
+    batch: int | None = None,
+) -> StepOutput:
     """Loss of one batch (B, T, D): both masked views in one batched forward pass.
 
-    ``model`` is a ConMH or a DistributedDataParallel around one; in the latter
-    case the contrastive loss sees the video codes of every rank's batch.
+    On one process ``feats`` is the batch. Data-parallel (``model`` a
+    DistributedDataParallel around a ConMH): ``feats`` is this rank's share,
+    positions ``first, first + 1, ...`` of a global batch of ``batch`` videos
+    whose masks every rank draws alike; the share is padded with zero videos
+    to the largest share's size (they are neither reconstructed nor
+    contrasted), and the contrastive loss sees the codes of the whole batch.
     """
-    b, t, _ = feats.shape
-    views = two_views(b, t, recipe.mask_ratio, generator)
+    k, t, dim = feats.shape
+    batch = k if batch is None else batch
+    group = _process_group()
+    world = group[1] if group else 1
+    rows = -(-batch // world)  # every rank's share padded to this size
+    views = two_views(batch, t, recipe.mask_ratio, generator)
+    if group:  # this share's masks; padding rows borrow other videos' masks
+        pos = (first + torch.arange(rows)) % batch
+        views = type(views)(
+            visible=torch.cat([views.visible[pos], views.visible[batch + pos]]),
+            masked=torch.cat([views.masked[pos], views.masked[batch + pos]]),
+        )
+        feats = torch.cat([feats, feats.new_zeros(rows - k, t, dim)])
     visible, masked = views.visible.to(feats.device), views.masked.to(feats.device)
-    codes, recon = model(gather_frames(feats, visible), visible, masked, feats)  # (2B, v, bits), loss
+    codes, recon = model(gather_frames(feats, visible), visible, masked, feats, videos=k, of_videos=batch)
     video = codes.float().mean(dim=1)
-    z1, z2 = video[:b], video[b:]
-    if _distributed()[1] > 1:  # all ranks' codes, with gradients flowing back to their owners
-        z1 = torch.cat(dist_nn.all_gather(z1))
-        z2 = torch.cat(dist_nn.all_gather(z2))
+    z1, z2 = video[:rows], video[rows:]
+    if group:
+        z1, z2 = gather_codes(z1, batch), gather_codes(z2, batch)
     contrast = debiased_contrastive_loss(z1, z2, recipe.temperature, recipe.tau_plus)
-    return StepOutput(recon + recipe.alpha * contrast, recon, contrast)
+    loss = recon + recipe.alpha * contrast
+    return StepOutput(loss * world if world > 1 else loss, recon, contrast)
 
 
 @dataclass(frozen=True)
@@ -108,6 +151,7 @@ class EpochContext:
     rank: int
     world: int
     progress: bool  # this process draws a progress bar and prints a line per epoch
+    deterministic: bool = False
 
 
 def train_one_epoch(
@@ -117,43 +161,52 @@ def train_one_epoch(
     recipe: Recipe,
     epoch: int,
     ctx: EpochContext,
-    steps: int,
 ) -> dict:
-    """Train 0-based ``epoch`` once over the data; return its log entry (means over all ranks' videos)."""
+    """Train 0-based ``epoch`` once over the data; return its log entry (means over the epoch's videos).
+
+    Nothing here copies a device tensor to the host before the epoch's end,
+    and the one collective (the sums of the log) runs on the training device:
+    NCCL takes CUDA tensors only.
+    """
     lr = recipe.lr_at(epoch)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    gen = epoch_generator(recipe.seed, epoch, ctx.rank)
-    sums = torch.zeros(4, dtype=torch.float64)  # loss, recon, contrast (x videos), videos
+    gen = epoch_generator(recipe.seed, epoch)
+    # loss, recon, contrast, each summed over the epoch's videos (this rank's part)
+    sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)
+    done = 0  # videos of the global batches so far
     tic = time.perf_counter()
     bar = tqdm(
         batches.epoch(recipe.seed, epoch, recipe.batch_size, ctx.rank, ctx.world),
-        total=steps,
+        total=-(-batches.n // recipe.batch_size),
         desc=f"epoch {epoch + 1}/{recipe.epochs}",
         disable=not ctx.progress,
         leave=False,
     )
     for x in bar:
+        batch = min(recipe.batch_size, batches.n - done)
+        share = rank_share(batch, ctx.rank, ctx.world)
         x = x.to(ctx.device, ctx.dtype, non_blocking=True)
         with autocast_context(ctx.device, ctx.precision):
-            out = training_step(net, x, recipe, gen)
+            out = training_step(net, x, recipe, gen, first=share.start, batch=batch)
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()
-        parts = torch.stack([out.loss.detach(), out.recon.detach(), out.contrast.detach()]).double().cpu()
-        sums += torch.cat([parts * len(x), torch.tensor([len(x)], dtype=torch.float64)])
-        if ctx.progress:
+        recon, contrast = out.recon.detach(), out.contrast.detach() * (len(x) / batch)
+        sums += torch.stack([recon + recipe.alpha * contrast, recon, contrast]).double() * batch
+        done += batch
+        if ctx.progress:  # rank 0, whose share is never empty
+            parts = (sums / done * ctx.world).tolist()
             bar.set_postfix(
                 loss=f"{parts[0]:.4f}",
                 recon=f"{parts[1]:.4f}",
                 con=f"{parts[2]:.4f}",
-                vps=f"{sums[3] * ctx.world / (time.perf_counter() - tic):.0f}",
+                vps=f"{done / (time.perf_counter() - tic):.0f}",
             )
-    if ctx.world > 1:
+    if _process_group():
         dist.all_reduce(sums)
     seconds = time.perf_counter() - tic
-    videos = int(sums[3])
-    mean = (sums[:3] / max(videos, 1)).tolist()
+    mean = (sums / max(done, 1)).tolist()
     return {
         "epoch": epoch + 1,
         "loss": mean[0],
@@ -161,11 +214,33 @@ def train_one_epoch(
         "contrast": mean[2],
         "lr": lr,
         "precision": ctx.precision,
+        "deterministic": ctx.deterministic,
         "device": device_name(ctx.device),
         "world_size": ctx.world,
         "seconds": seconds,
-        "videos_per_s": videos / seconds if seconds > 0 else None,
+        "videos_per_s": done / seconds if seconds > 0 else None,
     }
+
+
+def sum_in_rank_order(_state, bucket):  # unannotated: DDP checks the annotations, which are strings here
+    """DDP communication hook of deterministic mode: the mean of every rank's gradients, summed in rank order.
+
+    An all-reduce sums each gradient in an order that follows its place in
+    DDP's buckets, and DDP regroups the buckets after its first iteration: a
+    resumed run's first step would round differently from the uninterrupted
+    run's. Gathered and summed in rank order, every element sums the same way
+    whatever the buckets, at the cost of gathering (world x) the gradients.
+    """
+    grad = bucket.buffer()
+    world = dist.get_world_size()
+    everyone = torch.empty(world * grad.numel(), dtype=grad.dtype, device=grad.device)
+    dist.all_gather_into_tensor(everyone, grad)
+    total = everyone[: grad.numel()].clone()
+    for other in everyone[grad.numel() :].split(grad.numel()):
+        total += other
+    future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+    future.set_result(total / world)
+    return future
 
 
 # --------------------------------------------------------------------------- the run's files
@@ -245,36 +320,45 @@ def _load_training_checkpoint(path: Path) -> dict:
     return state
 
 
-def resume_run(
-    out_dir: Path, model: ConMH, optimizer: torch.optim.Optimizer, cfg: ModelConfig, recipe: Recipe, resume: bool
-) -> tuple[int, list[dict]]:
-    """The epochs already done in ``out_dir`` and their log entries; (0, []) for a new run.
+def checkpoint_to_resume(out_dir: Path, cfg: ModelConfig, recipe: Recipe, resume: bool) -> dict | None:
+    """The training checkpoint in ``out_dir`` to continue from; None for a new run.
 
-    Loads the checkpoint's weights and optimizer state into ``model`` and
-    ``optimizer``. Refuses a checkpoint without ``resume``, or one of another
-    architecture or recipe (only ``epochs`` may change).
+    Refuses a checkpoint without ``resume``, or one of another architecture or
+    recipe (only ``epochs`` may change).
     """
     ckpt_path = out_dir / CHECKPOINT
-    start = 0
-    if ckpt_path.exists():
-        if not resume:
-            raise ConfigError(
-                f"{ckpt_path} exists: pass --resume to continue that run, or choose another output folder"
-            )
-        state = _load_training_checkpoint(ckpt_path)
-        if state["arch"] != cfg.to_dict():
-            raise ConfigError(f"{ckpt_path}: saved architecture {state['arch']} differs from {cfg.to_dict()}")
-        saved = {k: v for k, v in state["recipe"].items() if k != "epochs"}
-        if saved != {k: v for k, v in recipe.to_dict().items() if k != "epochs"}:
-            raise ConfigError(f"{ckpt_path}: saved recipe {state['recipe']} differs from {recipe.to_dict()}")
-        start = int(state["epoch"])
-        if start > recipe.epochs:
-            raise ConfigError(
-                f"{ckpt_path}: the run already has {start} epochs, more than the {recipe.epochs} asked for"
-            )
-        model.load_state_dict(state["model_state_dict"])
-        optimizer.load_state_dict(state["optimizer_state_dict"])
-    return start, _read_log(out_dir / LOG, start)
+    if not ckpt_path.exists():
+        return None
+    if not resume:
+        raise ConfigError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another output folder")
+    state = _load_training_checkpoint(ckpt_path)
+    if state["arch"] != cfg.to_dict():
+        raise ConfigError(f"{ckpt_path}: saved architecture {state['arch']} differs from {cfg.to_dict()}")
+    saved = {k: v for k, v in state["recipe"].items() if k != "epochs"}
+    if saved != {k: v for k, v in recipe.to_dict().items() if k != "epochs"}:
+        raise ConfigError(f"{ckpt_path}: saved recipe {state['recipe']} differs from {recipe.to_dict()}")
+    if int(state["epoch"]) > recipe.epochs:
+        raise ConfigError(
+            f"{ckpt_path}: the run already has {state['epoch']} epochs, more than the {recipe.epochs} asked for"
+        )
+    return state
+
+
+def _from_rank0(load) -> dict | None:
+    """``load()`` on rank 0, handed to every rank (with its error, raised everywhere): ranks on other
+    nodes may not see rank 0's output folder, and all must start from the same epoch and weights."""
+    if _process_group() is None:
+        return load()
+    box: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = load()
+        except ConMHError as exc:
+            box[0] = exc
+    dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], ConMHError):
+        raise box[0]
+    return box[0]
 
 
 def _prepare_out_dir(out_dir: Path) -> None:
@@ -302,9 +386,18 @@ def _feature_shape(feats, cfg: ModelConfig, world: int) -> tuple[int, int, int]:
         raise ConfigError(
             f"training features have {frames} frames x {dim} dims, the model expects {cfg.frames} x {cfg.feature_dim}"
         )
-    if n < 2 * world:
-        raise ConfigError(f"training needs at least 2 videos per process, got {n} for {world} process(es)")
+    if n < 2:
+        raise ConfigError(f"training needs at least 2 videos, got {n}")
     return n, frames, dim
+
+
+def _check_mask_ratio(recipe: Recipe, frames: int) -> None:
+    masked = frames - num_visible(frames, recipe.mask_ratio)
+    if masked < 1:
+        raise ConfigError(
+            f"mask ratio {recipe.mask_ratio} masks no frame of {frames} (int(ratio x frames) = 0): "
+            f"nothing to reconstruct; use at least {1 / frames:.3g}"
+        )
 
 
 def train(
@@ -321,6 +414,7 @@ def train(
     keep_freed_memory: bool = False,
     data_mode: str = "auto",
     precision: str = "auto",
+    deterministic: bool = False,
     meta: dict | None = None,
 ) -> TrainResult:
     """Train ConMH on ``feats`` ((N, T, D) array or a lazy ``FeatureFiles``).
@@ -339,67 +433,87 @@ def train(
     because memory is scarce, and the kept heap's fragmentation costs them
     about 1 GB of RSS at FCVID's batch of 512.
 
+    ``deterministic``: bit-reproducible kernels on GPUs too (``conmh.device.numerics``);
+    on CPUs the kernels used are deterministic anyway.
+
     ``stop_after`` ends this call after that many epochs in total (the run can
     be resumed later), used to interrupt runs in tests.
     """
     out_dir = Path(out_dir)
-    rank, world = _distributed()
+    group = _process_group()
+    rank, world = group or (0, 1)
     lead = rank == 0
-    if lead:
-        _prepare_out_dir(out_dir)
     dev = select_device(device)
     precision = compute_precision(precision)
-    set_float32_matmul(dev)
     n, frames, dim = _feature_shape(feats, cfg, world)
-
-    torch.manual_seed(recipe.seed)
-    model = ConMH(cfg).to(dev)
-    model.encoder.checkpoint_blocks = activation_checkpointing
-    optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=0.0)
-    start, log = resume_run(out_dir, model, optimizer, cfg, recipe, resume)
+    _check_mask_ratio(recipe, frames)
     if lead:
-        _write_log(out_dir / LOG, log)  # drops the lines of epochs after the checkpoint
-
-    free = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else None
-    plan = plan_data(n * frames * dim * 4, dev.type, precision, data_mode, free)
-    if keep_freed_memory and plan.resident:
-        allocator.keep_freed_memory()
-    batches = make_batches(feats, dev, plan)
-    net: nn.Module = (
-        DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None) if world > 1 else model
-    )
-    ctx = EpochContext(
-        device=dev, precision=precision, dtype=plan.dtype, rank=rank, world=world, progress=progress and lead
-    )
-    end = recipe.epochs if stop_after is None else min(recipe.epochs, stop_after)
-    net.train()
-    for epoch in range(start, end):
-        entry = train_one_epoch(net, optimizer, batches, recipe, epoch, ctx, steps=-(-n // recipe.batch_size))
-        log.append(entry)
+        _prepare_out_dir(out_dir)
+    # float32 without TF32 (and deterministic kernels if asked) while the model is built and trained
+    with numerics(deterministic):
+        torch.manual_seed(recipe.seed)
+        model = ConMH(cfg).to(dev)
+        model.encoder.checkpoint_blocks = activation_checkpointing
+        optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=0.0)
+        state = _from_rank0(lambda: checkpoint_to_resume(out_dir, cfg, recipe, resume))
+        start = 0
+        if state is not None:
+            start = int(state["epoch"])
+            model.load_state_dict(state["model_state_dict"])
+            optimizer.load_state_dict(state["optimizer_state_dict"])
+        log = _read_log(out_dir / LOG, start) if lead else []
         if lead:
-            _write_log(out_dir / LOG, log)
-            save_checkpoint(
-                out_dir / CHECKPOINT,
-                model,
-                optimizer,
-                cfg,
-                recipe,
-                epoch + 1,
-                meta=dict(meta or {}, world_size=world, precision=precision),
-            )
-            if ctx.progress:
-                tqdm.write(
-                    f"epoch {epoch + 1}: loss {entry['loss']:.4f} (recon {entry['recon']:.4f}, "
-                    f"contrast {entry['contrast']:.4f}), lr {entry['lr']:.2e}, "
-                    f"{entry['videos_per_s']:.0f} videos/s"
+            _write_log(out_dir / LOG, log)  # drops the lines of epochs after the checkpoint
+
+        free = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else None
+        plan = plan_data(n * frames * dim * 4, dev.type, precision, data_mode, free)
+        if keep_freed_memory and plan.resident:
+            allocator.keep_freed_memory()
+        batches = make_batches(feats, dev, plan)
+        net: nn.Module = model
+        if group:
+            net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+            if deterministic:
+                net.register_comm_hook(None, sum_in_rank_order)
+        ctx = EpochContext(
+            device=dev,
+            precision=precision,
+            dtype=plan.dtype,
+            rank=rank,
+            world=world,
+            progress=progress and lead,
+            deterministic=deterministic,
+        )
+        meta = dict(meta or {}, **({"deterministic": True} if deterministic else {}))
+        end = recipe.epochs if stop_after is None else min(recipe.epochs, stop_after)
+        net.train()
+        for epoch in range(start, end):
+            entry = train_one_epoch(net, optimizer, batches, recipe, epoch, ctx)
+            log.append(entry)
+            if lead:
+                _write_log(out_dir / LOG, log)
+                save_checkpoint(
+                    out_dir / CHECKPOINT,
+                    model,
+                    optimizer,
+                    cfg,
+                    recipe,
+                    epoch + 1,
+                    meta=dict(meta, world_size=world, precision=precision),
                 )
-        if world > 1:
-            dist.barrier()
+                if ctx.progress:
+                    tqdm.write(
+                        f"epoch {epoch + 1}: loss {entry['loss']:.4f} (recon {entry['recon']:.4f}, "
+                        f"contrast {entry['contrast']:.4f}), lr {entry['lr']:.2e}, "
+                        f"{entry['videos_per_s']:.0f} videos/s"
+                    )
+            if group:
+                dist.barrier()
 
     done = max(start, end)
     final = None
     if done >= recipe.epochs:
         final = out_dir / FINAL_MODEL
         if lead and (not final.exists() or start < recipe.epochs):
-            save_final_model(final, model, cfg, recipe, done, meta=dict(meta or {}, precision=precision))
+            save_final_model(final, model, cfg, recipe, done, meta=dict(meta, precision=precision))
     return TrainResult(out_dir=out_dir, epochs_done=done, final_model=final, log=log)

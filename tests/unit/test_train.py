@@ -243,15 +243,24 @@ def test_resident_batches_follow_seed_and_epoch(feats) -> None:
     assert [len(x) for x in a] == [8, 8, 8, 4]  # 28 videos: the last, partial batch is kept (official loader)
     seen = np.concatenate(a).reshape(28, -1)
     assert len({row.tobytes() for row in seen}) == 28  # every video once in an epoch
-    # two ranks split every global batch between them
-    r0 = list(data.epoch(1, 7, 8, rank=0, world=2))
-    r1 = list(data.epoch(1, 7, 8, rank=1, world=2))
-    # three ranks get equal shares: 8 -> 2 each (2 left out), the last 4 -> 1 each (1 left out)
-    assert [[len(x) for x in data.epoch(1, 7, 8, rank=r, world=3)] for r in range(3)] == [[2, 2, 2, 1]] * 3
-    for whole, x0, x1 in zip(a, r0, r1):
-        assert np.array_equal(
-            np.sort(whole.reshape(len(whole), -1), 0), np.sort(np.concatenate([x0, x1]).reshape(len(whole), -1), 0)
-        )
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5, 12, 16, 17, 40])
+def test_data_parallel_shares_are_the_global_batches_split_as_data_parallel_splits_them(tmp_path, world) -> None:
+    """Every global batch keeps its size, whatever the world size: the ranks' shares, in rank order, are the
+    one-process batch, cut as torch.chunk cuts it (nn.DataParallel's split in the official code); every video
+    of the epoch is seen once. (The old loader trimmed every batch to a multiple of the world size.)"""
+    rows = np.arange(103, dtype=np.float32)[:, None, None] * np.ones((1, 2, 3), np.float32)
+    with FeatureFiles([write_h5(tmp_path / "a.h5", rows)]) as ff:
+        for source in (ResidentBatches(rows, torch.device("cpu")), StreamingBatches(ff)):
+            whole = [x[:, 0, 0].long() for x in source.epoch(1, 0, 16)]
+            shares = [[x[:, 0, 0].long() for x in source.epoch(1, 0, 16, rank=r, world=world)] for r in range(world)]
+            for step, batch in enumerate(whole):
+                split = [shares[r][step] for r in range(world)]
+                assert torch.equal(torch.cat(split), batch)
+                chunks = batch.chunk(world)
+                assert [len(x) for x in split] == [len(c) for c in chunks] + [0] * (world - len(chunks))
+            assert sorted(torch.cat(whole).tolist()) == list(range(103))
 
 
 def test_streaming_batches_are_a_uniform_shuffle_equal_to_resident_batches(tmp_path: Path) -> None:
@@ -269,9 +278,6 @@ def test_streaming_batches_are_a_uniform_shuffle_equal_to_resident_batches(tmp_p
         assert all(np.array_equal(x, np.sort(x)) for x in epoch)  # sorted rows: one ordered HDF5 read
         # the same batches as the array held in memory
         assert all(np.array_equal(x, y[:, 0, 0].numpy().astype(int)) for x, y in zip(epoch, resident.epoch(1, 0, 16)))
-        ranks = [[x[:, 0, 0].numpy() for x in stream.epoch(1, 0, 16, rank=r, world=2)] for r in (0, 1)]
-        assert [len(x) for x in ranks[0]] == [len(x) for x in ranks[1]] == [8] * 6 + [3]
-        assert not set(np.concatenate(ranks[0]).tolist()) & set(np.concatenate(ranks[1]).tolist())
         # a numpy array streams the same way
         from_array = [x[:, 0, 0].numpy().astype(int) for x in StreamingBatches(rows).epoch(1, 0, 16)]
         assert all(np.array_equal(x, y) for x, y in zip(epoch, from_array))
