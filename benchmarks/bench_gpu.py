@@ -67,6 +67,7 @@ from bench_train import MatmulPeak, Runner, dtype_name, sync  # noqa: E402
 
 from conmh.atomic import atomic_path, write_text_atomic  # noqa: E402
 from conmh.datasets import FEATURE_KEY, LAYOUTS  # noqa: E402
+from conmh.device import numerics  # noqa: E402
 from conmh.encode import encode_features  # noqa: E402
 from conmh.features import FeatureFiles  # noqa: E402
 from conmh.model import ConMH, ModelConfig  # noqa: E402
@@ -252,12 +253,14 @@ def count_flops(cfg: ModelConfig, recipe, batch: torch.Tensor, device: torch.dev
 
 
 def matmul_peaks(device: torch.device) -> dict:
-    """Best rate of a square ``torch.mm`` per dtype (float32 as set: TF32 off unless enabled)."""
+    """Best rate of a square ``torch.mm`` per dtype, float32 without TF32 as training computes it
+    (``conmh.device.numerics``, whatever TORCH_ALLOW_TF32_CUBLAS_OVERRIDE makes the default)."""
     n = 8192 if device.type == "cuda" else 512
     out = {}
     for dtype in (torch.float32, torch.bfloat16):
-        peak = MatmulPeak(device, dtype, n)
-        peak.sample(reps=5)
+        with numerics():
+            peak = MatmulPeak(device, dtype, n)
+            peak.sample(reps=5)
         out[dtype_name(dtype)] = peak.to_dict()
         del peak
     free_device_memory(device)
@@ -274,6 +277,7 @@ def train_run(
     data_mode: str,
     flops: dict | None,
     peaks: dict | None,
+    deterministic: bool = False,
 ) -> dict:
     """One ``conmh.train.train`` run; the numbers of its last epoch."""
     if device.type == "cuda":
@@ -289,6 +293,7 @@ def train_run(
         progress=False,
         data_mode=data_mode,
         precision=precision,
+        deterministic=deterministic,
         meta={"benchmark": "bench_gpu"},
     )
     sync(device)
@@ -297,6 +302,7 @@ def train_run(
     last = log[-1]
     entry = {
         "precision": last.get("precision", precision),
+        "deterministic": deterministic,
         "data_mode": data_mode,
         "epochs": len(log),
         "epoch_log": [{k: e.get(k) for k in ("epoch", "seconds", "videos_per_s", "loss")} for e in log],
@@ -528,7 +534,11 @@ def markdown(data: dict) -> str:
             + ", ".join(f"{k} {v['best'] / 1e12:.1f} TFLOP/s" for k, v in peaks["peaks"].items() if isinstance(v, dict))
             + "."
         )
-    runs = [name for name in ("resident_fp32", "resident_bf16", "stream_fp32") if name in parts]
+    runs = [
+        name
+        for name in ("resident_fp32", "resident_bf16", "resident_fp32_deterministic", "stream_fp32")
+        if name in parts
+    ]
     if runs:
         lines += [
             "",
@@ -710,11 +720,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         peaks = report.data["parts"].get("matmul_peak", {}).get("peaks")
         if "resident" in args.parts:
-            for precision in ("fp32", "bf16"):
+            # fp32 and bf16, and fp32 in deterministic mode (what --deterministic costs)
+            for precision, deterministic in (("fp32", False), ("bf16", False), ("fp32", True)):
+                name = f"resident_{precision}" + ("_deterministic" if deterministic else "")
                 report.run(
-                    f"resident_{precision}",
-                    lambda p=precision: train_run(
-                        features(), cfg, recipe, scratch / f"resident-{p}", device, p, "memory", flops, peaks
+                    name,
+                    lambda p=precision, d=deterministic, name=name: train_run(
+                        features(), cfg, recipe, scratch / name, device, p, "memory", flops, peaks, d
                     ),
                 )
             fp32 = report.data["parts"]["resident_fp32"]

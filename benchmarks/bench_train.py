@@ -19,9 +19,9 @@ FLOP/s, that as a fraction of the machine's matrix-multiply peak measured in
 the same run (a large ``torch.mm`` with the same thread count), and the ratio
 ours / naive. It prints a Markdown table and writes the numbers as JSON.
 
-On CUDA our step runs under bf16 autocast as ``conmh train`` does by default,
-and the naive step in float32 as the official code does; each is compared with
-the peak of its own dtype.
+On every device "ours" runs in float32 (TF32 off on CUDA), as ``conmh train``
+does by default and the official code does; ``--with-bf16`` adds it under bf16
+autocast. Each is compared with the peak of its own dtype.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the te
 
 from conmh.allocator import keep_freed_memory  # noqa: E402
 from conmh.atomic import write_text_atomic  # noqa: E402
-from conmh.device import autocast_context, compute_precision  # noqa: E402
+from conmh.device import autocast_context, compute_precision, numerics  # noqa: E402
 from conmh.model import ConMH, ModelConfig  # noqa: E402
 from conmh.recipes import Recipe, get_recipe  # noqa: E402
 from conmh.train import StepOutput, training_step  # noqa: E402
@@ -178,13 +178,14 @@ def implementations(with_bf16: bool, device: torch.device) -> list[Impl]:
         Impl("ours", training_step, "auto", tuned_allocator=True),
         Impl("naive", naive_training_step, "fp32", tuned_allocator=False),
     ]
-    if with_bf16 and device.type == "cpu":  # on CUDA "ours" already runs in bf16
+    if with_bf16:
         impls.insert(1, Impl("ours-bf16", training_step, "bf16", tuned_allocator=True))
     return impls
 
 
 def _worker(conn, impl: Impl, setting: Setting, device: str, threads: int, seed: int) -> None:
     """Child process: build one implementation, then run what the parent asks for."""
+    numerics().__enter__()  # float32 without TF32 for this whole process, as conmh train computes
     allocator = keep_freed_memory() if impl.tuned_allocator else False
     torch.set_num_threads(threads)
     dev = torch.device(device)
@@ -193,7 +194,7 @@ def _worker(conn, impl: Impl, setting: Setting, device: str, threads: int, seed:
     feats = torch.randn(
         recipe.batch_size, setting.frames, setting.feature_dim, generator=torch.Generator().manual_seed(seed)
     ).to(dev)
-    runner = Runner(impl.step, cfg, recipe, dev, compute_precision(dev, impl.precision), seed)
+    runner = Runner(impl.step, cfg, recipe, dev, compute_precision(impl.precision), seed)
     conn.send({"precision": runner.precision, "tuned_allocator": allocator})
     while (order := conn.recv()) != "stop":
         conn.send(runner.count_flops(feats) if order == "flops" else runner.train_step(feats))
@@ -358,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--with-bf16",
         action="store_true",
-        help="CPU: also time our step under bf16 autocast (conmh train --precision bf16)",
+        help="also time our step under bf16 autocast (conmh train --precision bf16)",
     )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("bench_train.json"), help="JSON report")
@@ -394,8 +395,9 @@ def main(argv: list[str] | None = None) -> int:
         "results": [],
     }
     peaks = [MatmulPeak(device, d, n) for d in dtypes]
-    for peak in peaks:
-        peak.sample(reps=5)
+    with numerics():  # float32 peaks without TF32, as training computes
+        for peak in peaks:
+            peak.sample(reps=5)
     for name in names:
         print(f"benchmarking {name} ...", file=sys.stderr, flush=True)
         report["results"].append(

@@ -6,7 +6,8 @@ Each folder is one kind, and its tests carry that kind's marker:
   inputs; under a minute (``python -m pytest -m unit``);
 * ``e2e/``: whole commands and pipelines as users run them (Snakemake, DVC,
   torchrun, kills and restarts); several minutes;
-* ``cluster/``: the pipeline on a SLURM cluster; skipped without one.
+* ``cluster/``: the pipeline on a SLURM cluster; skipped without one;
+* ``gpu/``: the GPU path on a CUDA GPU (``python -m pytest -m gpu``); skipped without one.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-KINDS = ("unit", "e2e", "cluster")
+KINDS = ("unit", "e2e", "cluster", "gpu")
 TESTS = Path(__file__).parent
 
 

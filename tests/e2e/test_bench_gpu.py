@@ -79,14 +79,16 @@ def test_training_runs_report_positive_numbers(tiny_run):
     assert report["setting"]["videos"] == VIDEOS
     assert parts["flops"]["status"] == "ok" and parts["flops"]["flops_per_step"] > 0
     assert all(p["best"] > 0 for p in parts["matmul_peak"]["peaks"].values())
-    for name, precision, mode in (
-        ("resident_fp32", "fp32", "memory"),
-        ("resident_bf16", "bf16", "memory"),
-        ("stream_fp32", "fp32", "stream"),
+    for name, precision, mode, deterministic in (
+        ("resident_fp32", "fp32", "memory", False),
+        ("resident_bf16", "bf16", "memory", False),
+        ("resident_fp32_deterministic", "fp32", "memory", True),
+        ("stream_fp32", "fp32", "stream", False),
     ):
         run = parts[name]
         assert run["status"] == "ok", run
         assert (run["precision"], run["data_mode"], run["epochs"]) == (precision, mode, 2)
+        assert run["deterministic"] is deterministic
         assert run["epoch_seconds"] == run["epoch_log"][-1]["seconds"]  # the last epoch, not the warm-up
         for key in ("epoch_seconds", "videos_per_s", "tflops_per_s", "fraction_of_matmul_peak", "fcvid_epoch_s"):
             assert run[key] > 0, (name, key)
@@ -106,6 +108,7 @@ def test_encoding_and_report(tiny_run):
     assert parts["encode_memory"]["videos_per_s"] > 0 and parts["encode_hdf5"]["videos_per_s"] > 0
     assert "pipeline" not in parts
     assert "| resident_fp32 |" in stdout and "| stream_fp32 |" in stdout
+    assert "| resident_fp32_deterministic |" in stdout
     assert report["markdown"] in stdout
     assert list(work.iterdir()) == []  # scratch files (features, HDF5, checkpoints) removed
 
