@@ -338,3 +338,12 @@ def test_bf16_training_on_cpu_is_recorded_and_rounds_differently(tmp_path: Path,
     assert full[0]["precision"] == "fp32"
     assert log[-1]["loss"] != full[-1]["loss"]  # the autocast really ran: other rounding, other trajectory
     assert abs(log[0]["loss"] - full[0]["loss"]) < 0.05 * full[0]["loss"]  # but the same training
+
+
+def test_deterministic_mode_trains_the_same_weights_on_the_cpu(tmp_path: Path, feats, uninterrupted: Path) -> None:
+    """Every op of a step runs under torch.use_deterministic_algorithms, and on the CPU nothing changes."""
+    train(feats, CFG, RECIPE, tmp_path, device="cpu", progress=False, deterministic=True)
+    ours, theirs = final_state(tmp_path), final_state(uninterrupted)
+    assert all(torch.equal(ours[key], theirs[key]) for key in theirs)
+    assert torch.load(tmp_path / CHECKPOINT, weights_only=True)["meta"]["deterministic"] is True
+    assert not torch.are_deterministic_algorithms_enabled()  # the caller's setting is back
