@@ -182,8 +182,20 @@ def world_size(cfg: dict) -> int:
 
 
 def train_gpus(cfg: dict, dataset: str) -> int:
-    """GPUs a training job holds: one per process (all nodes together)."""
-    return world_size(cfg) if uses_gpu(cfg, dataset) else 0
+    """The ``gpu`` resource of a training job on one node: one GPU per process. Snakemake counts it
+    (``--resources gpu=N``) and the SLURM plugin asks ``--gpus=N``. 0 on several nodes: see train_gres."""
+    single_node = cfg["distributed"]["nnodes"] == 1
+    return world_size(cfg) if uses_gpu(cfg, dataset) and single_node else 0
+
+
+def train_gres(cfg: dict, dataset: str) -> str:
+    """The ``gres`` resource of a training job on several nodes: ``gpu:<nproc_per_node>``, which SLURM
+    grants on each node (``--gres``), so that every node has a GPU per process. ``--gpus=<world size>``
+    would let SLURM split them unevenly, and a process's LOCAL_RANK exceed its node's GPUs. "" otherwise.
+    (Several nodes run only under SLURM: no local Snakemake run counts these GPUs.)"""
+    if uses_gpu(cfg, dataset) and cfg["distributed"]["nnodes"] > 1:
+        return f"gpu:{cfg['distributed']['nproc_per_node']}"
+    return ""
 
 
 def released_checkpoint(cfg: dict, dataset: str, bits: Any) -> str | None:

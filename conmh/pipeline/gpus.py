@@ -4,8 +4,8 @@ Snakemake counts GPUs (``resources: gpu=N``) but does not say *which* GPUs a
 job gets, so the job picks them itself: it takes an exclusive ``flock`` on one
 lock file per visible GPU (``CUDA_VISIBLE_DEVICES``, else ``nvidia-smi -L``)
 and runs with ``CUDA_VISIBLE_DEVICES`` set to those GPUs. The kernel releases
-the locks when the job ends, even when it is killed. Under SLURM each job sees
-only the GPUs it was given, so the locks are uncontended.
+the locks when the job ends, even when it is killed. Inside a SLURM job the
+locks are the job's own (lock_dir), since SLURM already gives each job its GPUs.
 """
 
 from __future__ import annotations
@@ -38,8 +38,18 @@ def visible_gpus(env: dict[str, str] | None = None) -> list[str]:
 
 
 def lock_dir() -> Path:
+    """The folder of the lock files: $CONMH_GPU_LOCK_DIR, default /tmp/conmh-gpu-locks-<uid>; inside a SLURM
+    job, its subfolder slurm-<job id>.
+
+    SLURM gives each job its GPUs exclusively, and under its device constraint every job sees its GPUs as
+    0..n-1: locks shared between jobs would make one user's jobs on a node wait for one another over GPU
+    "0" when each has a GPU of its own. Jobs run within one allocation (a local Snakemake run inside
+    salloc) share its GPUs, and its locks.
+    """
     default = Path(tempfile.gettempdir()) / f"conmh-gpu-locks-{os.getuid()}"
     path = Path(os.environ.get("CONMH_GPU_LOCK_DIR") or default)
+    if os.environ.get("SLURM_JOB_ID"):
+        path = path / f"slurm-{os.environ['SLURM_JOB_ID']}"
     path.mkdir(parents=True, exist_ok=True)
     return path
 

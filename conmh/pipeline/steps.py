@@ -119,6 +119,8 @@ def train_command(cfg: dict, dataset: str, bits: int) -> list[str]:
         argv += ["--precision", cfg["precision"]]
         if cfg["activation_checkpointing"]:
             argv.append("--activation-checkpointing")
+        if cfg["deterministic"]:
+            argv.append("--deterministic")
     return argv + ["--device", device(cfg, dataset), "--no-progress"]
 
 
@@ -136,10 +138,10 @@ def train(cfg: dict, dataset: str, bits: int, threads: int | None = None) -> int
     if prepare_train_dir(out_dir, cmd, is_real(cfg, dataset) and cfg["resume"], world_size(cfg)):
         print(f"job: reusing the checkpoint of the same run in {out_dir}", file=sys.stderr, flush=True)
         cmd.append("--resume")
+    gpus_per_node = nproc if uses_gpu(cfg, dataset) else 0
     # Several nodes: SLURM gives each node its GPUs; local locks would only cover the first node.
-    gpus = nproc if uses_gpu(cfg, dataset) and nnodes == 1 else 0
-    with on_free_gpus(gpus):
-        status = run_command(cmd, nproc, nnodes)
+    with on_free_gpus(gpus_per_node if nnodes == 1 else 0):
+        status = run_command(cmd, nproc, nnodes, cpus_per_node=threads, gpus_per_node=gpus_per_node)
     if status == 0:
         write_state(out_dir, cmd, complete=True, world_size=world_size(cfg))
         with atomic_path(log_copy) as tmp:

@@ -6,6 +6,8 @@
 * a training job with ``distributed.nnodes: 2`` spans two nodes: one torchrun
   per node started by srun, meeting through the c10d rendezvous, two gloo
   processes; it ends with the weights of a 2-process run on one node;
+* two such trainings at once on the same two nodes each meet at their own
+  port, and both end with the weights of that 2-process run;
 * a training job cancelled with ``scancel`` after its first checkpoint and
   submitted again resumes, and ends with the codes of an uninterrupted run.
 """
@@ -29,6 +31,7 @@ import yaml
 from slurm_cluster import ROOT, Cluster, accounting, job_state, sbatch, slurm, wait_finished, wait_until
 
 from conmh.pipeline.config import load_config
+from conmh.pipeline.launch import rendezvous_port
 from conmh.pipeline.paths import Layout
 from conmh.pipeline.steps import train_command
 from conmh.synthetic import MiniatureSpec, make_miniature
@@ -164,8 +167,8 @@ def test_training_on_two_nodes_starts_one_torchrun_per_node(cluster, tmp_path):
     nodes = slurm("scontrol", "show", "hostnames", train_job["NodeList"]).split()
     # What the train step ran: srun starting torchrun on each node, meeting at the allocation's first node.
     log = (repo / "logs" / "train" / "activitynet-16bits.log").read_text()
-    launch = next(line[2:].split() for line in log.splitlines() if line.startswith("+ srun "))
-    assert launch[:7] == [
+    launch = srun_launch(log)
+    assert launch[:8] == [
         "srun",
         "--overlap",
         f"--jobid={train_job['JobID']}",
@@ -173,6 +176,7 @@ def test_training_on_two_nodes_starts_one_torchrun_per_node(cluster, tmp_path):
         "--ntasks=2",
         "--ntasks-per-node=1",
         "--kill-on-bad-exit=1",
+        "--cpus-per-task=1",  # the job's threads; no GPU
     ]
     torchrun = launch[launch.index("torch.distributed.run") + 1 : launch.index("conmh") - 1]
     assert torchrun == [
@@ -183,7 +187,7 @@ def test_training_on_two_nodes_starts_one_torchrun_per_node(cluster, tmp_path):
         "--rdzv-backend",
         "c10d",
         "--rdzv-endpoint",
-        f"{nodes[0]}:29500",
+        f"{nodes[0]}:{rendezvous_port({'SLURM_JOB_ID': train_job['JobID']})}",
         "--rdzv-id",
         train_job["JobID"],
     ]
@@ -199,17 +203,28 @@ def test_training_on_two_nodes_starts_one_torchrun_per_node(cluster, tmp_path):
     assert [json.loads(line)["epoch"] for line in (repo / train_log).read_text().splitlines()] == [1, 2, 3]
 
     # The same training as 2 processes on one node (torchrun --standalone) gives the same weights.
+    assert_same_weights(out / "model.pt", one_node_run(launch, tmp_path / "one-node", cwd=repo))
+
+
+def srun_launch(log: str) -> list[str]:
+    """The srun + torchrun command line the train step printed into its log."""
+    return next(line[2:].split() for line in log.splitlines() if line.startswith("+ srun "))
+
+
+def one_node_run(launch: list[str], out_dir: Path, cwd: Path) -> Path:
+    """The training of a multi-node ``launch`` run as 2 processes on one node (torchrun --standalone)
+    into ``out_dir``; its model."""
     args = launch[launch.index("conmh") + 1 :]
-    args[args.index("--out-dir") + 1] = str(tmp_path / "one-node")
+    args[args.index("--out-dir") + 1] = str(out_dir)
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "conmh", *args],
-        cwd=repo,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert_same_weights(out / "model.pt", tmp_path / "one-node" / "model.pt")
+    return out_dir / "model.pt"
 
 
 def assert_same_weights(a: Path, b: Path) -> None:
@@ -217,6 +232,74 @@ def assert_same_weights(a: Path, b: Path) -> None:
     assert ours.keys() == theirs.keys()
     for key in ours:
         assert torch.equal(ours[key], theirs[key]), key
+
+
+def real_data_run(folder: Path, data: Path, recipe: dict, **settings) -> tuple[dict, Path]:
+    """The configuration (and its file in ``folder``) of a run training ActivityNet at 16 bits from the
+    miniature in ``data`` as a real dataset (only those resume), on the CPU, every output in ``folder``."""
+    cfg = load_config(ROOT / "config.yaml")
+    cfg.update(preset="mini", device="cpu", paths={k: str(folder / k) for k in ("data", "work", "results", "logs")})
+    cfg.update(settings)
+    cfg["activitynet"].update(source="real", data_dir=str(data), recipe=recipe)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / "config.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    return cfg, config
+
+
+def train_step(config: Path) -> list[str]:
+    """The pipeline's train step of that run, one thread per process, as a job runs it."""
+    return [*"conmh pipeline train --dataset activitynet --bits 16 --threads 1 --config".split(), str(config)]
+
+
+def training_or_ended(job: str, out_dir: Path) -> bool:
+    """Whether SLURM job ``job`` has written its first checkpoint into ``out_dir``, or has ended."""
+    return (out_dir / "checkpoint.pt").exists() or job_state(job) not in ("", "PENDING", "RUNNING")
+
+
+def test_two_trainings_on_the_same_two_nodes_at_once_meet_each_at_its_own_port(cluster, tmp_path):
+    data = tmp_path / "data"
+    make_miniature(
+        "activitynet",
+        data,
+        seed=0,
+        spec=MiniatureSpec(n_train=128, n_database=40, n_queries=10, feature_dim=32, n_classes=4),
+    )
+    # 20 epochs (about 1 s each here): the first job still trains when the second has started and trained.
+    recipe = {"epochs": 20, "batch_size": 32, "lr": 1e-3, "seed": 1}
+    runs = [
+        real_data_run(tmp_path / name, data, recipe, distributed={"nproc_per_node": 1, "nnodes": 2})
+        for name in ("a", "b")
+    ]
+    out_dirs = [Path(Layout.of(cfg).train_dir("activitynet", 16)) for cfg, _ in runs]
+
+    def submit(config: Path) -> str:  # on the cluster's two nodes (so the same first node), a CPU on each
+        return sbatch(
+            cluster, shlex.join(train_step(config)), config.parent / "job.out", extra=("--nodes=2", "--ntasks=2")
+        )
+
+    # The second job starts once the first trains, so it ends later: with one port for both jobs, its
+    # torchrun agents would be clients of the first job's store, which goes when the first job ends.
+    jobs = [submit(runs[0][1])]
+    wait_until(lambda: training_or_ended(jobs[0], out_dirs[0]), f"the first checkpoint of job {jobs[0]}", poll=0.2)
+    jobs.append(submit(runs[1][1]))
+    wait_until(lambda: training_or_ended(jobs[1], out_dirs[1]), f"the first checkpoint of job {jobs[1]}", poll=0.2)
+    assert not (out_dirs[0] / "model.pt").exists(), "the first training ended before the second trained"
+    for job, (_, config) in zip(jobs, runs):
+        assert wait_finished(job) == "COMPLETED", (config.parent / "job.out").read_text()[-3000:]
+
+    rows = accounting("-X", "-j", ",".join(jobs), "-o", "JobID,NodeList")
+    assert len(rows) == 2 and rows[0]["NodeList"] == rows[1]["NodeList"], rows
+    first_node = slurm("scontrol", "show", "hostnames", rows[0]["NodeList"]).split()[0]
+    launches = [srun_launch((config.parent / "job.out").read_text()) for _, config in runs]
+    endpoints = [launch[launch.index("--rdzv-endpoint") + 1] for launch in launches]
+    assert endpoints == [f"{first_node}:{rendezvous_port({'SLURM_JOB_ID': job})}" for job in jobs]
+    assert endpoints[0] != endpoints[1]
+
+    # Both end with the weights of the same training as 2 processes on one node.
+    reference = one_node_run(launches[0], tmp_path / "one-node", cwd=ROOT)
+    for out_dir in out_dirs:
+        assert_same_weights(out_dir / "model.pt", reference)
 
 
 # --------------------------------------------------------------------------- scancel and resume
@@ -257,30 +340,11 @@ def test_a_cancelled_training_job_resumes_and_ends_with_the_codes_of_an_uninterr
         spec=MiniatureSpec(n_train=400, n_database=60, n_queries=20, feature_dim=64, n_classes=6),
     )
     epochs = 4
-    # A real-data run (only those resume), in this test's folders.
-    cfg = load_config(ROOT / "config.yaml")
-    cfg.update(preset="mini", device="cpu", paths={k: str(tmp_path / k) for k in ("data", "work", "results", "logs")})
-    cfg["activitynet"].update(
-        source="real", data_dir=str(data), recipe={"epochs": epochs, "batch_size": 32, "lr": 1e-3, "seed": 1}
-    )
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(cfg))
+    cfg, config = real_data_run(tmp_path, data, {"epochs": epochs, "batch_size": 32, "lr": 1e-3, "seed": 1})
     run_dir, straight = Path(Layout.of(cfg).train_dir("activitynet", 16)), tmp_path / "straight"
     train = train_command(cfg, "activitynet", 16) + ["--threads", "1"]
     train[train.index("--out-dir") + 1] = str(straight)
-    job = [
-        "conmh",
-        "pipeline",
-        "train",
-        "--dataset",
-        "activitynet",
-        "--bits",
-        "16",
-        "--threads",
-        "1",
-        "--config",
-        str(config),
-    ]
+    job = train_step(config)
 
     def epochs_logged() -> list[int]:
         path = run_dir / "train_log.jsonl"
@@ -290,11 +354,7 @@ def test_a_cancelled_training_job_resumes_and_ends_with_the_codes_of_an_uninterr
     uninterrupted = subprocess.Popen(train, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     first = sbatch(cluster, shlex.join(job), tmp_path / "first.out")
     # Cancel once the first checkpoint is written, while the job trains a later epoch.
-    wait_until(
-        lambda: (run_dir / "checkpoint.pt").exists() or job_state(first) not in ("", "PENDING", "RUNNING"),
-        f"the first checkpoint of job {first}",
-        poll=0.1,
-    )
+    wait_until(lambda: training_or_ended(first, run_dir), f"the first checkpoint of job {first}", poll=0.1)
     slurm("scancel", first)
     assert wait_finished(first) == "CANCELLED", (tmp_path / "first.out").read_text()
     interrupted = epochs_logged()

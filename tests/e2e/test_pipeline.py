@@ -100,6 +100,16 @@ def test_full_paper_dry_run_lists_the_jobs_with_the_paper_recipe_on_gpus(repo, t
         assert argv[argv.index("--preset") + 1] == "small" and argv[argv.index("--device") + 1] == "auto"
 
 
+def test_multi_node_gpu_training_asks_for_its_gpus_per_node(repo, tmp_path):
+    # The slurm profile turns `gres` into --gres=gpu:4, which SLURM grants on each node; `gpu` (--gpus,
+    # for all nodes together) could be split unevenly. tests/unit/test_cluster_launch.py: the plugin's flags.
+    distributed = "distributed={nproc_per_node: 4, nnodes: 2}"
+    proc = snakemake(repo, "-n", "--config", *real_config(tmp_path), "datasets=[fcvid]", "bits=[64]", distributed)
+    assert proc.returncode == 0, output(proc)
+    (resources,) = re.findall(r"rule train:.*?resources: ([^\n]*)", output(proc), re.S)
+    assert resources.endswith("gpu=0, gres=gpu:4, nodes=2"), resources
+
+
 def test_released_checkpoints_skip_training(repo, tmp_path):
     released = {}
     for b in BITS:

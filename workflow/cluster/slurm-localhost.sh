@@ -19,9 +19,10 @@
 #
 # The cluster "conmh" has two nodes, both on this host: two slurmd daemons
 # (Debian's slurmd supports several per host, each with its own port) named
-# `hostname -s` and `hostname -s`-2, each with half of the CPUs and half of the
-# memory (minus a margin). Two nodes let a job span nodes (`--nodes=2`), as a
-# multi-node training run does. Partitions "debug" (the default), "cpu" and
+# `hostname -s` and `hostname -s`-2, each with half of the CPUs (at least 2) and
+# half of the memory (minus a margin). Two nodes let a job span nodes
+# (`--nodes=2`), as a multi-node training run does; two CPUs each let two such
+# one-CPU-per-node jobs run at once. Partitions "debug" (the default), "cpu" and
 # "gpu" hold both nodes (no GPU is configured: "gpu" only lets a profile's
 # partition choice be checked). Accounts: "root" (root's default) and "conmh".
 # Accounting (slurmdbd with MariaDB) is what `sacct` reads, and the Snakemake
@@ -141,10 +142,10 @@ changed() { [[ " ${CHANGED[*]} " == *" $1 "* ]]; }
 
 write_config() {
     local cpus mem_mb
-    # Each node: half of the CPUs (at least one) and half of the memory the kernel
-    # reports, less 10% (at least 512 MB) for the system and the daemons.
+    # Each node: half of the CPUs (at least 2: the tests run two 2-node jobs at once) and half of
+    # the memory the kernel reports, less 10% (at least 512 MB) for the system and the daemons.
     cpus=$(( $(nproc) / 2 ))
-    [ "$cpus" -ge 1 ] || cpus=1
+    [ "$cpus" -ge 2 ] || cpus=2
     mem_mb=$(awk '/^MemTotal:/ { mb = int($2 / 1024); m = int(mb / 10); if (m < 512) m = 512; print int((mb - m) / 2) }' /proc/meminfo)
 
     install_file 644 "$ETC/slurm.conf" <<EOF
@@ -164,6 +165,8 @@ SlurmctldPidFile=$RUN/slurmctld.pid
 SlurmdPidFile=$RUN/slurmd-%n.pid
 SlurmctldLogFile=$LOG/slurmctld.log
 SlurmdLogFile=$LOG/slurmd-%n.log
+# The nodes as described here, even where slurmd finds fewer CPUs (2 declared on a one-CPU machine).
+SlurmdParameters=config_overrides
 # No cgroups in a container: processes are tracked through /proc, tasks are not bound.
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none

@@ -13,5 +13,10 @@ def encode_gpus(wildcards):
 
 
 def train_gpus(wildcards):
-    """resources function: one GPU per DDP process of a real-data training job."""
+    """resources function: one GPU per DDP process of a real-data training job on one node."""
     return settings.train_gpus(config, wildcards.dataset)
+
+
+def train_gres(wildcards):
+    """resources function: "gpu:<nproc_per_node>" GPUs on each node of a multi-node GPU training job."""
+    return settings.train_gres(config, wildcards.dataset)

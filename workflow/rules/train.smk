@@ -20,8 +20,11 @@ rule train:
     # profile (docs/pipeline.md), since the SLURM plugin submits jobs without GPUs with
     # --ntasks=1 and SLURM then shrinks the allocation to one node. Setting
     # tasks = nnodes here when the job has no GPU (0 otherwise) should fix it; untested.
+    # GPUs: `gpu` (counted by Snakemake, --gpus on SLURM) on one node; `gres` (--gres=gpu:N, per node)
+    # on several, so that SLURM gives every node one GPU per process.
     resources:
         gpu=train_gpus,
+        gres=train_gres,
         nodes=config["distributed"]["nnodes"],
     params:
         config=CONFIG,
