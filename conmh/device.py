@@ -37,9 +37,12 @@ def select_device(name: str = "auto") -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} asked for, but CUDA is not available on this machine")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise ConfigError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from None
+    if device.type == "cuda" and device.index is None:  # the current GPU (under torchrun: this rank's), by number
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def cpu_model() -> str:

@@ -142,3 +142,14 @@ def test_deterministic_mode_sets_the_kernels_and_restores_the_callers_settings(m
         attention(q, q, q, 0.5)
     assert kernels == [True, False]  # the fast kernels by default; the math kernel, deterministic, in this mode
     assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
+
+
+def test_plain_cuda_means_this_processs_gpu_by_number(monkeypatch) -> None:
+    """Under torchrun `--device cuda` is the rank's GPU, which the command made current: the device is
+    named by number, as DDP's device_ids and the log name it (a bare "cuda" left that to whatever was current)."""
+    from conmh.device import select_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert select_device("cuda") == torch.device("cuda", 3)
+    assert select_device("cuda:1") == torch.device("cuda", 1)
