@@ -95,6 +95,7 @@ def numerics(deterministic: bool = False) -> Iterator[None]:
         torch.backends.cudnn.deterministic,
         torch.backends.cudnn.benchmark,
         torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
     )
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -113,8 +114,9 @@ def numerics(deterministic: bool = False) -> Iterator[None]:
             torch.backends.cudnn.deterministic,
             torch.backends.cudnn.benchmark,
             deterministic_before,
+            warn_only_before,
         ) = saved
-        torch.use_deterministic_algorithms(deterministic_before)
+        torch.use_deterministic_algorithms(deterministic_before, warn_only=warn_only_before)
 
 
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

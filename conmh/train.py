@@ -234,13 +234,16 @@ def sum_in_rank_order(_state, bucket):  # unannotated: DDP checks the annotation
     grad = bucket.buffer()
     world = dist.get_world_size()
     everyone = torch.empty(world * grad.numel(), dtype=grad.dtype, device=grad.device)
-    dist.all_gather_into_tensor(everyone, grad)
-    total = everyone[: grad.numel()].clone()
-    for other in everyone[grad.numel() :].split(grad.numel()):
-        total += other
-    future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-    future.set_result(total / world)
-    return future
+
+    def mean(_gathered) -> torch.Tensor:
+        shares = everyone.split(grad.numel())
+        total = shares[0].clone()
+        for share in shares[1:]:
+            total += share
+        return total / world
+
+    # The pattern of DDP's own hooks: the collective's future, then the reduction (CUDA streams synchronised).
+    return dist.all_gather_into_tensor(everyone, grad, async_op=True).get_future().then(mean)
 
 
 # --------------------------------------------------------------------------- the run's files
