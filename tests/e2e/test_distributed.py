@@ -42,8 +42,8 @@ def run(cmd: list[str]) -> None:
     assert "torch.distributed.nn.functional" not in proc.stderr
 
 
-def torchrun(*args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD), *args]
+def torchrun(*args: str, world: int = WORLD) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world), *args]
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -65,6 +65,11 @@ def test_torchrun_trains_what_one_process_trains_and_resumes_without_a_shared_fo
     for key in ("loss", "recon", "contrast"):
         assert [e[key] for e in log] == pytest.approx([e[key] for e in one], rel=1e-5), key
     ddp, single = weights(tmp_path / "ddp"), weights(tmp_path / "one")
+    # A lone process under torchrun joins a process group and takes the data-parallel path (DDP, the
+    # gathers, the all-reduce; what tests/gpu runs under NCCL on one GPU): the plain run's weights exactly.
+    run(torchrun("-m", "conmh", *args, "--out-dir", str(tmp_path / "alone"), world=1))
+    alone = weights(tmp_path / "alone")
+    assert all(torch.equal(alone[key], single[key]) for key in single)
     for key in single:
         torch.testing.assert_close(ddp[key], single[key], rtol=0, atol=5e-5, msg=key)  # Adam amplifies rounding
 

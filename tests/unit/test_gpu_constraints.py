@@ -153,3 +153,26 @@ def test_plain_cuda_means_this_processs_gpu_by_number(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
     assert select_device("cuda") == torch.device("cuda", 3)
     assert select_device("cuda:1") == torch.device("cuda", 1)
+
+
+def test_a_lone_process_under_torchrun_joins_its_process_group(monkeypatch) -> None:
+    """So one GPU runs the collectives under NCCL (tests/gpu); tests/e2e/test_distributed.py checks that
+    such a run trains the plain run's weights. (Before, only WORLD_SIZE > 1 joined.)"""
+    import socket
+
+    import torch.distributed as dist
+
+    from conmh.cli import _init_distributed
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {"WORLD_SIZE": "1", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(key, value)
+    assert _init_distributed("cpu")
+    try:
+        assert dist.is_initialized() and dist.get_world_size() == 1 and dist.get_backend() == "gloo"
+    finally:
+        dist.destroy_process_group()
+    monkeypatch.delenv("MASTER_ADDR")
+    assert not _init_distributed("cpu")  # not started by torchrun
