@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--deterministic",
         action="store_true",
         help="bit-reproducible GPU training: deterministic kernels and the math attention kernel, so that "
-        "a rerun or a resumed run ends with the same weights (slower on GPUs, see benchmarks/README.md; "
+        "a rerun or a resumed run ends with the same weights (its cost on GPUs: benchmarks/README.md; "
         "CPU training is deterministic without it)",
     )
     p.add_argument(
