@@ -83,20 +83,27 @@ class StepOutput:
     contrast: torch.Tensor  # the global batch's contrastive loss
 
 
-def gather_codes(z: torch.Tensor, batch: int) -> torch.Tensor:
-    """The global batch's video codes (batch, bits), in batch order, from every rank's padded share ``z``.
+def gather_codes(video: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global batch's codes of each view (batch, bits), in batch order, from every rank's padded share.
 
-    This rank's rows keep their gradient; the other ranks' rows are constants.
-    Each rank so gets the gradient of the whole batch's loss with respect to
-    its own codes, and the sum over ranks is the single process's gradient
-    (``training_step`` scales the loss by the world size, DDP averages).
+    ``video`` is this rank's share, its two views stacked (view 1's rows, then
+    view 2's): both views travel in one all-gather. This rank's rows keep their
+    gradient; the other ranks' rows are constants. Each rank so gets the
+    gradient of the whole batch's loss with respect to its own codes, and the
+    sum over ranks is the single process's gradient (``training_step`` scales
+    the loss by the world size, DDP averages).
     """
     rank, world = _process_group()
-    everyone = torch.empty((world * len(z), *z.shape[1:]), dtype=z.dtype, device=z.device)
-    dist.all_gather_into_tensor(everyone, z.detach().contiguous())
-    shares = list(everyone.split(len(z)))
-    shares[rank] = z
-    return torch.cat([share[: len(range(batch)[rank_share(batch, r, world)])] for r, share in enumerate(shares)])
+    rows = len(video) // 2
+    everyone = torch.empty((world * len(video), *video.shape[1:]), dtype=video.dtype, device=video.device)
+    dist.all_gather_into_tensor(everyone, video.detach().contiguous())
+    shares = list(everyone.split(len(video)))
+    shares[rank] = video
+    sizes = [len(range(batch)[rank_share(batch, r, world)]) for r in range(world)]
+    z1, z2 = (
+        torch.cat([share[view * rows : view * rows + size] for share, size in zip(shares, sizes)]) for view in (0, 1)
+    )
+    return z1, z2
 
 
 def training_step(
@@ -133,9 +140,7 @@ def training_step(
     visible, masked = views.visible.to(feats.device), views.masked.to(feats.device)
     codes, recon = model(gather_frames(feats, visible), visible, masked, feats, videos=k, of_videos=batch)
     video = codes.float().mean(dim=1)
-    z1, z2 = video[:rows], video[rows:]
-    if group:
-        z1, z2 = gather_codes(z1, batch), gather_codes(z2, batch)
+    z1, z2 = gather_codes(video, batch) if group else (video[:rows], video[rows:])
     contrast = debiased_contrastive_loss(z1, z2, recipe.temperature, recipe.tau_plus)
     loss = recon + recipe.alpha * contrast
     return StepOutput(loss * world if world > 1 else loss, recon, contrast)
@@ -382,8 +387,8 @@ class TrainResult:
     log: list[dict]
 
 
-def _feature_shape(feats, cfg: ModelConfig, world: int) -> tuple[int, int, int]:
-    """(videos, frames, dims) of the training features, checked against the model and the process count."""
+def _feature_shape(feats, cfg: ModelConfig) -> tuple[int, int, int]:
+    """(videos, frames, dims) of the training features, checked against the model."""
     n, frames, dim = feats.shape if isinstance(feats, np.ndarray) else (feats.n, feats.frames, feats.dim)
     if (frames, dim) != (cfg.frames, cfg.feature_dim):
         raise ConfigError(
@@ -448,7 +453,7 @@ def train(
     lead = rank == 0
     dev = select_device(device)
     precision = compute_precision(precision)
-    n, frames, dim = _feature_shape(feats, cfg, world)
+    n, frames, dim = _feature_shape(feats, cfg)
     _check_mask_ratio(recipe, frames)
     if lead:
         _prepare_out_dir(out_dir)
