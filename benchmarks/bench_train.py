@@ -185,19 +185,21 @@ def implementations(with_bf16: bool, device: torch.device) -> list[Impl]:
 
 def _worker(conn, impl: Impl, setting: Setting, device: str, threads: int, seed: int) -> None:
     """Child process: build one implementation, then run what the parent asks for."""
-    numerics().__enter__()  # float32 without TF32 for this whole process, as conmh train computes
-    allocator = keep_freed_memory() if impl.tuned_allocator else False
-    torch.set_num_threads(threads)
-    dev = torch.device(device)
-    recipe = get_recipe(setting.dataset)
-    cfg = ModelConfig.from_preset("small", feature_dim=setting.feature_dim, frames=setting.frames, nbits=setting.nbits)
-    feats = torch.randn(
-        recipe.batch_size, setting.frames, setting.feature_dim, generator=torch.Generator().manual_seed(seed)
-    ).to(dev)
-    runner = Runner(impl.step, cfg, recipe, dev, compute_precision(impl.precision), seed)
-    conn.send({"precision": runner.precision, "tuned_allocator": allocator})
-    while (order := conn.recv()) != "stop":
-        conn.send(runner.count_flops(feats) if order == "flops" else runner.train_step(feats))
+    with numerics():  # float32 without TF32 for this whole process, as conmh train computes
+        allocator = keep_freed_memory() if impl.tuned_allocator else False
+        torch.set_num_threads(threads)
+        dev = torch.device(device)
+        recipe = get_recipe(setting.dataset)
+        cfg = ModelConfig.from_preset(
+            "small", feature_dim=setting.feature_dim, frames=setting.frames, nbits=setting.nbits
+        )
+        feats = torch.randn(
+            recipe.batch_size, setting.frames, setting.feature_dim, generator=torch.Generator().manual_seed(seed)
+        ).to(dev)
+        runner = Runner(impl.step, cfg, recipe, dev, compute_precision(impl.precision), seed)
+        conn.send({"precision": runner.precision, "tuned_allocator": allocator})
+        while (order := conn.recv()) != "stop":
+            conn.send(runner.count_flops(feats) if order == "flops" else runner.train_step(feats))
 
 
 class Worker:

@@ -41,12 +41,12 @@ encode_features(model, ArrayFeatures(feats), device)
 after = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
 report = {"before": before, "after": after, **{k: sorted(v) for k, v in seen.items()}}
 if device.type == "cuda":  # the encoder's pre-sign outputs as encoding computes them, against float64
+    import copy
     from conmh.device import numerics
     x = torch.from_numpy(feats)
-    exact = model.double().cpu()
+    exact = copy.deepcopy(model).double().cpu()
     with torch.no_grad():
         want = exact.ln(exact.binary(exact.encoder(x.double())))
-        model = model.float().to(device)
         with numerics():
             got = model.ln(model.binary(model.encoder(x.to(device))))
     report["encoder_error"] = (got.double().cpu() - want).abs().max().item()
