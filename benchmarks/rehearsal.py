@@ -41,8 +41,8 @@ job's output to the log itself (tests/e2e/test_rehearsal.py checks that).
 
 ``--scale tiny`` runs the same command on 1% of the counts with 64-dim
 features, the ``mini`` preset and batch 32 (the test suite runs it). Below
-full scale the ``verify`` job is the step's own ``conmh verify`` command
-without ``--real``, which checks exactly the release's counts and dims. A
+full scale the ``verify`` job is ``conmh verify`` without ``--real`` (which
+checks exactly the release's counts and dims). A
 FRACTION such as 0.05 keeps the real dims, preset and batch sizes, for
 estimating the full run.
 
@@ -64,7 +64,6 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -73,8 +72,7 @@ import yaml
 from conmh.atomic import write_text_atomic
 from conmh.datasets import get_layout
 from conmh.device import IN_MEMORY_LIMIT_BYTES
-from conmh.pipeline import steps
-from conmh.pipeline.config import METHODS, check_config, load_config, recipe_changes, write_effective_config
+from conmh.pipeline.config import METHODS, check_config, data_dir, load_config, recipe_changes, write_effective_config
 from conmh.pipeline.paths import Layout
 from conmh.pipeline.report import figures_of
 from conmh.recipes import Recipe, get_recipe
@@ -242,19 +240,6 @@ def step_command(
     return argv + ["--config", str(config)]
 
 
-def step_conmh_argv(step: Callable[..., int], *args: object) -> list[str]:
-    """The ``conmh`` command a pipeline step runs (``steps.STEP(cfg, ...)``), recorded instead of run."""
-    seen: list[list[str]] = []
-    real = steps.conmh
-    steps.conmh = lambda argv: seen.append(argv) or 0
-    try:
-        step(*args)
-    finally:
-        steps.conmh = real
-    [argv] = seen
-    return argv
-
-
 # --------------------------------------------------------------------------- jobs
 
 
@@ -276,7 +261,7 @@ def jobs(cfg: dict, config: Path, out: Path, kind: str, scale: float, seed: int,
         )
         verify = step_command("verify", config, d)
         if kind != "full":  # --real checks exactly the release's counts and dims: the step's command without it
-            verify = ["conmh"] + [a for a in step_conmh_argv(steps.verify, cfg, d) if a != "--real"]
+            verify = ["conmh", "verify", d, data_dir(cfg, d), "--report", lay.verify_report(d)]
         todo += [
             Step("download", d, step_command("download", config, d), [lay.manifest(d)], lay.log("download", d)),
             Step(

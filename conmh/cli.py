@@ -15,10 +15,10 @@ from pathlib import Path
 
 from . import __version__
 from .datasets import DATASETS, LAYOUT_NAMES
-from .errors import ConMHError
+from .errors import exit_status
 from .metrics import KS
 from .presets import PAPER_PRESET, PRESETS
-from .recipes import RECIPES
+from .recipes import OVERRIDABLE, RECIPES, cli_flag
 
 EPILOG = (
     "exit codes: 0 ok, 1 unexpected error, 2 bad usage, 3 bad input (data, checkpoint, codes, config), "
@@ -142,25 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=tuple(PRESETS),
         help=f"encoder size; every paper number uses {PAPER_PRESET} (default: {PAPER_PRESET})",
     )
-    p.add_argument(
-        "--epochs", type=_positive_int, help=f"epochs to train; the final weights are kept (paper: {_paper('epochs')})"
-    )
-    p.add_argument("--batch-size", type=_positive_int, help=f"videos per batch (paper: {_paper('batch_size')})")
-    p.add_argument(
-        "--lr",
-        type=float,
-        help=f"initial learning rate (paper: {_paper('lr')}; x{_paper('lr_gamma')} every "
-        f"{_paper('lr_step')} epochs, floor {_paper('lr_min')})",
-    )
-    p.add_argument(
-        "--mask-ratio", type=float, help=f"fraction of frames masked per view (paper: {_paper('mask_ratio')})"
-    )
-    p.add_argument("--alpha", type=float, help=f"weight of the contrastive loss (paper: {_paper('alpha')})")
-    p.add_argument("--temperature", type=float, help=f"contrastive temperature t (paper: {_paper('temperature')})")
-    p.add_argument(
-        "--tau-plus", type=float, help=f"class prior tau+ of the debiased loss (paper: {_paper('tau_plus')})"
-    )
-    p.add_argument("--seed", type=int, help=f"random seed (paper: {_paper('seed')})")
+    for f in OVERRIDABLE:  # the recipe's changeable fields (conmh.recipes), with the paper's values
+        paper = f"paper: {_paper(f.name)}"
+        if f.name == "lr":
+            paper += f"; x{_paper('lr_gamma')} every {_paper('lr_step')} epochs, floor {_paper('lr_min')}"
+        value_type = int if f.name == "seed" else _positive_int if f.type == "int" else float
+        p.add_argument(cli_flag(f.name), type=value_type, help=f"{f.metadata['help']} ({paper})")
     p.add_argument(
         "--resume",
         action=argparse.BooleanOptionalAction,
@@ -357,16 +344,7 @@ def _train(args: argparse.Namespace) -> None:
     from .recipes import get_recipe
     from .train import train
 
-    recipe = get_recipe(args.dataset).replace(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        mask_ratio=args.mask_ratio,
-        alpha=args.alpha,
-        temperature=args.temperature,
-        tau_plus=args.tau_plus,
-        seed=args.seed,
-    )
+    recipe = get_recipe(args.dataset).replace(**{f.name: getattr(args, f.name) for f in OVERRIDABLE})
     with open_split(args.dataset, args.data_dir, "train") as feats:
         cfg = ModelConfig.from_preset(args.preset, feature_dim=feats.dim, frames=feats.frames, nbits=args.bits)
         result = train(
@@ -395,19 +373,14 @@ def _train(args: argparse.Namespace) -> None:
 def cmd_encode(args: argparse.Namespace) -> None:
     from .codes import write_codes
     from .encode import encode_dataset
-    from .features import open_split
-    from .model import ModelConfig
 
     _set_threads(args.threads)
-    cfg = None
-    if args.bits is not None:
-        with open_split(args.dataset, args.data_dir, "database") as feats:
-            cfg = ModelConfig.from_preset(args.preset, feature_dim=feats.dim, frames=feats.frames, nbits=args.bits)
     codes = encode_dataset(
         args.checkpoint,
         args.dataset,
         args.data_dir,
-        cfg=cfg,
+        bits=args.bits,
+        preset=args.preset,
         device=args.device,
         batch_size=args.batch_size,
         progress=not args.no_progress,
@@ -438,18 +411,12 @@ def cmd_itq(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from .atomic import write_text_atomic
-    from .checksums import file_sha256
-    from .codes import read_codes
-    from .metrics import evaluate_detailed, per_query_csv
+    from .metrics import evaluate_file
 
     tic = time.perf_counter()
-    codes = read_codes(args.codes)
-    metrics, per_query = evaluate_detailed(codes, ks=args.ks, full_ranking=args.full_ranking)
-    metrics["codes_sha256"] = file_sha256(args.codes)
-    if args.per_query:
-        write_text_atomic(args.per_query, per_query_csv(per_query))
-    write_text_atomic(args.out, json.dumps(metrics, indent=2) + "\n")
+    codes, metrics = evaluate_file(
+        args.codes, args.out, args.ks, per_query=args.per_query, full_ranking=args.full_ranking
+    )
     summary = ", ".join(f"mAP@{k} {metrics['map'][str(k)]:.4f}" for k in args.ks)
     summary += f", P(r<=2) {metrics['precision_within_radius_2']:.4f}"
     if args.full_ranking:
@@ -522,18 +489,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return pipeline_main(argv[1:])
     args = build_parser().parse_args(argv)
-    try:
-        COMMANDS[args.command](args)
-    except ConMHError as exc:
-        print(f"conmh {args.command}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except OSError as exc:  # unwritable output, disk full, ...
-        print(f"conmh {args.command}: error: {exc}", file=sys.stderr)
-        return ConMHError.exit_code
-    except KeyboardInterrupt:
-        print(f"conmh {args.command}: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return exit_status(f"conmh {args.command}", lambda: COMMANDS[args.command](args))
 
 
 if __name__ == "__main__":

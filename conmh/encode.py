@@ -14,11 +14,12 @@ from .datasets import get_layout
 from .errors import CheckpointError, ConfigError, DataError
 from .features import FeatureFiles, open_split
 from .labels import load_labels
+from .presets import PAPER_PRESET
 
 if TYPE_CHECKING:
     import torch
 
-    from .model import ConMH, ModelConfig
+    from .model import ConMH
 
 # torch is imported inside the functions that use it: the LSH baseline and the
 # evaluation never need it, and importing it costs seconds per pipeline job.
@@ -117,19 +118,24 @@ def encode_dataset(
     dataset: str,
     data_dir: str | Path,
     *,
-    cfg: ModelConfig | None = None,
+    bits: int | None = None,
+    preset: str = PAPER_PRESET,
     device: str = "auto",
     batch_size: int = 1024,
     progress: bool = False,
 ) -> Codes:
     """Codes of a dataset's database and queries from a checkpoint (own or official).
 
-    ``cfg`` is needed for official checkpoints, which do not record their
-    architecture; files written by ``conmh train`` carry it.
+    Official checkpoints do not record their architecture: give their ``bits``
+    (and ``preset`` if not the paper's); files written by ``conmh train`` carry it.
     """
     from .device import select_device
-    from .model import load_checkpoint
+    from .model import ModelConfig, load_checkpoint
 
+    cfg = None
+    if bits is not None:
+        with open_split(dataset, data_dir, "database") as feats:
+            cfg = ModelConfig.from_preset(preset, feature_dim=feats.dim, frames=feats.frames, nbits=bits)
     model = load_checkpoint(checkpoint, cfg=cfg)
     dev = select_device(device)
     attrs = {

@@ -11,6 +11,9 @@ Exit codes scripts can rely on:
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+
 
 class ConMHError(Exception):
     """Base class: a problem the user can fix, reported without a traceback."""
@@ -42,3 +45,20 @@ class ConfigError(ConMHError):
 
 class LaunchError(ConfigError):
     """A pipeline job cannot start as configured (too few GPUs, no SLURM allocation for several nodes)."""
+
+
+def exit_status(prog: str, run: Callable[[], int | None]) -> int:
+    """Run a command's body; its exit status. The one place where errors become exit codes: a
+    ConMHError or OSError (unwritable output, disk full) prints one line; any other error is a bug and
+    keeps its traceback."""
+    try:
+        return run() or 0
+    except ConMHError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except OSError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return ConMHError.exit_code
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130

@@ -55,6 +55,8 @@ runs as a linear-time radix sort for uint8/uint16 distances).
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
@@ -395,3 +397,26 @@ def per_query_csv(per_query: dict[str, np.ndarray]) -> str:
     lines = [",".join(per_query)]
     lines += [",".join(map(repr, row)) for row in zip(*columns)]
     return "\n".join(lines) + "\n"
+
+
+def evaluate_file(
+    codes_path: str | os.PathLike,
+    out: str | os.PathLike,
+    ks: Iterable[int] = KS,
+    *,
+    per_query: str | os.PathLike | None = None,
+    full_ranking: bool = False,
+) -> tuple[Codes, dict]:
+    """``conmh evaluate``: the metrics of a codes file (naming its sha256) written to ``out`` as JSON, and
+    with ``per_query`` every query's AP@K to that file as CSV; the codes and the metrics."""
+    from .atomic import write_text_atomic
+    from .checksums import file_sha256
+    from .codes import read_codes
+
+    codes = read_codes(codes_path)
+    metrics, table = evaluate_detailed(codes, ks, full_ranking=full_ranking)
+    metrics["codes_sha256"] = file_sha256(codes_path)
+    if per_query is not None:
+        write_text_atomic(per_query, per_query_csv(table))
+    write_text_atomic(out, json.dumps(metrics, indent=2) + "\n")
+    return codes, metrics

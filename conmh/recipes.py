@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import ConfigError
 
@@ -16,17 +16,19 @@ class Recipe:
     official runs go 5 epochs further but report the weights after these.
     """
 
-    mask_ratio: float
-    batch_size: int
-    epochs: int
-    alpha: float  # weight of the contrastive loss
-    temperature: float
-    tau_plus: float
-    lr: float = 1e-4
+    # A field with a "help" can be changed per run: `conmh train --<field-name>` (cli_flag) and a
+    # dataset's `recipe` in config.yaml (the schema's `recipe` lists the same names; a test checks it).
+    mask_ratio: float = field(metadata={"help": "fraction of frames masked per view"})
+    batch_size: int = field(metadata={"help": "videos per batch"})
+    epochs: int = field(metadata={"help": "epochs to train; the final weights are kept"})
+    alpha: float = field(metadata={"help": "weight of the contrastive loss"})
+    temperature: float = field(metadata={"help": "contrastive temperature t"})
+    tau_plus: float = field(metadata={"help": "class prior tau+ of the debiased loss"})
+    lr: float = field(default=1e-4, metadata={"help": "initial learning rate"})
     lr_step: int = 20  # StepLR period in epochs
     lr_gamma: float = 0.9
     lr_min: float = 1e-5
-    seed: int = 1
+    seed: int = field(default=1, metadata={"help": "random seed"})
 
     def __post_init__(self) -> None:
         checks = {
@@ -58,6 +60,15 @@ class Recipe:
 
     def to_dict(self) -> dict[str, float | int]:
         return dataclasses.asdict(self)
+
+
+# The fields a run may change, and their command-line option.
+OVERRIDABLE: tuple[dataclasses.Field, ...] = tuple(f for f in dataclasses.fields(Recipe) if "help" in f.metadata)
+
+
+def cli_flag(name: str) -> str:
+    """``conmh train``'s option for recipe field ``name``: ``tau_plus`` -> ``--tau-plus``."""
+    return "--" + name.replace("_", "-")
 
 
 RECIPES: dict[str, Recipe] = {

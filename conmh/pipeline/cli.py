@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..datasets import DATASETS
-from ..errors import ConMHError
+from ..errors import exit_status
 
 STEPS = ("download", "miniature", "verify", "train", "encode", "lsh", "itq", "evaluate", "report")
 NEEDS = {  # the options each step needs
@@ -110,14 +110,7 @@ def run_step(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    try:
-        return run_step(args)
-    except ConMHError as exc:
-        print(f"conmh pipeline {args.step}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except OSError as exc:  # unwritable output, disk full, ...
-        print(f"conmh pipeline {args.step}: error: {exc}", file=sys.stderr)
-        return ConMHError.exit_code
+    return exit_status(f"conmh pipeline {args.step}", lambda: run_step(args))
 
 
 def main(argv: list[str] | None = None) -> int:

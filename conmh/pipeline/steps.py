@@ -2,9 +2,10 @@
 
 Both engines run ``conmh pipeline STEP --dataset D --bits B``, which loads the
 configuration and calls the function of the same name here, so they cannot
-drift apart. Where a step is a ``conmh`` command (verify, train, encode, lsh, itq,
-evaluate), it runs the very command a user would type, printed first with a
-``+`` in the job's log, so any step can be repeated by hand.
+drift apart. Each step calls the library functions of its job (the same ones
+the ``conmh`` command calls). Training alone starts a new process: the
+``conmh train`` command of the run, plainly or under torchrun / srun
+(``launch.py``), printed with a ``+`` in the job's log so it can be repeated by hand.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 from pathlib import Path
 
 from ..atomic import atomic_path, write_text_atomic, write_text_if_changed
+from ..recipes import cli_flag
 from . import download as fetching
 from .config import (
     data_dir,
@@ -33,29 +35,12 @@ from .launch import launch_command, run_command
 from .paths import Layout
 from .training_run import prepare_train_dir, write_state
 
-# Recipe keys and the `conmh train` options that set them.
-RECIPE_OPTIONS = {
-    "epochs": "--epochs",
-    "batch_size": "--batch-size",
-    "lr": "--lr",
-    "mask_ratio": "--mask-ratio",
-    "alpha": "--alpha",
-    "temperature": "--temperature",
-    "tau_plus": "--tau-plus",
-    "seed": "--seed",
-}
 
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
 
-def conmh(argv: list[str]) -> int:
-    """Run ``conmh ARGV...`` in this process, as a user would type it; its exit status."""
-    from ..cli import main
-
-    print("+ conmh " + " ".join(argv), file=sys.stderr, flush=True)
-    return main(argv)
-
-
-def _threads(threads: int | None) -> list[str]:
-    return ["--threads", str(threads)] if threads else []
+        torch.set_num_threads(threads)
 
 
 def download(cfg: dict, dataset: str) -> int:
@@ -89,12 +74,13 @@ def miniature(cfg: dict, dataset: str) -> int:
 
 def verify(cfg: dict, dataset: str) -> int:
     """Check every file of the dataset against its layout; write the verification report."""
-    argv = ["verify", dataset, data_dir(cfg, dataset), "--report", Layout.of(cfg).verify_report(dataset)]
-    if is_real(cfg, dataset):
-        argv.append("--real")
-    if not cfg["verify_checksums"]:
-        argv.append("--no-checksums")
-    return conmh(argv)
+    from ..verify import verify_dataset
+
+    folder = data_dir(cfg, dataset)
+    report = verify_dataset(dataset, folder, real=is_real(cfg, dataset), checksums=cfg["verify_checksums"])
+    write_text_atomic(Layout.of(cfg).verify_report(dataset), json.dumps(report, indent=2) + "\n")
+    print(f"{dataset}: {len(report['files'])} files OK in {folder}", file=sys.stderr)
+    return 0
 
 
 def train_command(cfg: dict, dataset: str, bits: int) -> list[str]:
@@ -114,7 +100,7 @@ def train_command(cfg: dict, dataset: str, bits: int) -> list[str]:
         preset(cfg, dataset),
     ]
     for key, value in recipe_changes(cfg, dataset).items():
-        argv += [RECIPE_OPTIONS[key], str(value)]
+        argv += [cli_flag(key), str(value)]
     if is_real(cfg, dataset):
         argv += ["--precision", cfg["precision"]]
         if cfg["activation_checkpointing"]:
@@ -133,7 +119,7 @@ def train(cfg: dict, dataset: str, bits: int, threads: int | None = None) -> int
     if released is not None:
         return use_released(Path(released), out_dir, log_copy)
     nproc, nnodes = cfg["distributed"]["nproc_per_node"], cfg["distributed"]["nnodes"]
-    cmd = train_command(cfg, dataset, bits) + _threads(threads)
+    cmd = train_command(cfg, dataset, bits) + (["--threads", str(threads)] if threads else [])
     launch_command(cmd, nproc, nnodes, dict(os.environ))  # refuse a bad launch before touching the folder
     if prepare_train_dir(out_dir, cmd, is_real(cfg, dataset) and cfg["resume"], world_size(cfg)):
         print(f"job: reusing the checkpoint of the same run in {out_dir}", file=sys.stderr, flush=True)
@@ -168,74 +154,56 @@ def use_released(checkpoint: Path, out_dir: Path, log_copy: Path) -> int:
 
 def encode(cfg: dict, dataset: str, bits: int, threads: int | None = None) -> int:
     """Encode the database and queries with the run's model (on a free GPU for real data)."""
-    argv = [
-        "encode",
-        "--checkpoint",
-        model_for(cfg, dataset, bits),
-        "--dataset",
-        dataset,
-        "--data-dir",
-        data_dir(cfg, dataset),
-        "--out",
-        Layout.of(cfg).codes("conmh", dataset, bits),
-        "--preset",
-        preset(cfg, dataset),
-        "--bits",
-        str(bits),
-        "--device",
-        device(cfg, dataset),
-        "--no-progress",
-        *_threads(threads),
-    ]
+    from ..codes import write_codes
+    from ..encode import encode_dataset
+
+    _set_threads(threads)
+    model, out = model_for(cfg, dataset, bits), Layout.of(cfg).codes("conmh", dataset, bits)
     with on_free_gpus(1 if uses_gpu(cfg, dataset) else 0):
-        return conmh(argv)
-
-
-def _baseline(cfg: dict, method: str, dataset: str, bits: int) -> int:
-    """``conmh lsh`` or ``conmh itq``: a baseline's codes, seeded by ``<method>_seed``."""
-    return conmh(
-        [
-            method,
-            "--dataset",
-            dataset,
-            "--data-dir",
-            data_dir(cfg, dataset),
-            "--bits",
-            str(bits),
-            "--out",
-            Layout.of(cfg).codes(method, dataset, bits),
-            "--seed",
-            str(cfg[f"{method}_seed"]),
-        ]
-    )
+        codes = encode_dataset(
+            model, dataset, data_dir(cfg, dataset), bits=bits, preset=preset(cfg, dataset), device=device(cfg, dataset)
+        )
+    write_codes(out, codes)
+    print(f"{dataset}: {len(codes.database)} database codes of {bits} bits from {model} -> {out}", file=sys.stderr)
+    return 0
 
 
 def lsh(cfg: dict, dataset: str, bits: int) -> int:
-    """The LSH baseline's codes."""
-    return _baseline(cfg, "lsh", dataset, bits)
+    """The LSH baseline's codes, seeded by ``lsh_seed``."""
+    from ..codes import write_codes
+    from ..encode import lsh_codes
+
+    write_codes(
+        Layout.of(cfg).codes("lsh", dataset, bits), lsh_codes(dataset, data_dir(cfg, dataset), bits, cfg["lsh_seed"])
+    )
+    return 0
 
 
 def itq(cfg: dict, dataset: str, bits: int) -> int:
-    """The ITQ baseline's codes."""
-    return _baseline(cfg, "itq", dataset, bits)
+    """The ITQ baseline's codes, seeded by ``itq_seed``."""
+    from ..codes import write_codes
+    from ..encode import itq_codes
+
+    write_codes(
+        Layout.of(cfg).codes("itq", dataset, bits), itq_codes(dataset, data_dir(cfg, dataset), bits, cfg["itq_seed"])
+    )
+    return 0
 
 
 def evaluate(cfg: dict, method: str, dataset: str, bits: int) -> int:
     """mAP@K (for the configured K values), precision and recall by Hamming radius and per-class mAP@K of
     one codes file; every query's AP@K beside it."""
+    from ..metrics import evaluate_file
+
     lay = Layout.of(cfg)
-    return conmh(
-        [
-            "evaluate",
-            lay.codes(method, dataset, bits),
-            "--out",
-            lay.metrics(method, dataset, bits),
-            "--ks",
-            ",".join(str(k) for k in cfg["ks"]),
-            "--per-query",
-            lay.per_query(method, dataset, bits),
-        ]
+    _, metrics = evaluate_file(
+        lay.codes(method, dataset, bits),
+        lay.metrics(method, dataset, bits),
+        cfg["ks"],
+        per_query=lay.per_query(method, dataset, bits),
     )
+    print(f"{method} {dataset} {bits} bits: mAP@K {metrics['map']}", file=sys.stderr)
+    return 0
 
 
 def report(cfg: dict) -> int:

@@ -67,6 +67,23 @@ def test_the_schema_takes_datasets_and_presets_from_the_package():
     assert set(DATASETS) <= set(schema["required"]) and all(d in schema["properties"] for d in DATASETS)
 
 
+def test_a_datasets_recipe_takes_the_fields_conmh_train_can_change():
+    from conmh.recipes import OVERRIDABLE
+
+    recipe = settings.load_schema()["$defs"]["recipe"]["properties"]
+    assert list(recipe) == [f.name for f in OVERRIDABLE]
+
+
+def test_a_configured_recipe_change_reaches_conmh_train_under_the_fields_own_option(cfg):
+    from conmh.cli import build_parser
+    from conmh.recipes import OVERRIDABLE, RECIPES
+
+    changes = {f.name: getattr(RECIPES["yfcc"], f.name) + 1 for f in OVERRIDABLE}
+    cfg["yfcc"] = {**cfg["yfcc"], "source": "real", "recipe": changes}
+    args = build_parser().parse_args(steps.train_command(cfg, "yfcc", 64)[1:])
+    assert {name: getattr(args, name) for name in changes} == changes
+
+
 def test_the_jobs_config_is_named_by_its_content(cfg, tmp_path):
     cfg["paths"] = {k: str(tmp_path / k) for k in ("data", "work", "results", "logs")}
     first = settings.write_effective_config(cfg)
@@ -206,27 +223,43 @@ def test_real_training_uses_the_paper_recipe_and_a_gpu(cfg):
     assert _opt(steps.train_command(cfg, "fcvid", 64), "--epochs") == "100"
 
 
-def test_each_step_runs_the_conmh_command_a_user_would_type(cfg, monkeypatch):
-    ran: list[list[str]] = []
-    monkeypatch.setattr(steps, "conmh", lambda argv: ran.append(argv) or 0)
-    assert steps.verify(cfg, "yfcc") == 0
-    assert steps.encode(cfg, "yfcc", 32, threads=3) == 0
-    assert steps.lsh(cfg, "yfcc", 32) == 0
-    assert steps.evaluate(cfg, "lsh", "yfcc", 64) == 0
-    verify, encode, lsh, evaluate = ran
-    assert verify == ["verify", "yfcc", "data/miniature/yfcc", "--report", "results/data/yfcc/verify.json"]
-    assert _opt(encode, "--checkpoint") == "work/train/yfcc/32bits/model.pt" and _opt(encode, "--threads") == "3"
-    assert _opt(lsh, "--out") == "work/codes/yfcc/lsh-32bits.h5" and _opt(lsh, "--seed") == "1"
-    assert evaluate == [
-        "evaluate",
-        "work/codes/yfcc/lsh-64bits.h5",
-        "--out",
-        "results/metrics/yfcc/lsh-64bits.json",
-        "--ks",
-        "5,10,20,40,60,80,100",
-        "--per-query",
-        "work/metrics/yfcc/lsh-64bits.per_query.csv",
+def test_each_step_writes_what_the_conmh_command_writes(cfg, tmp_path, capsys):
+    """A step calls the library as `conmh` does: the same files as the command a user would type."""
+    from conmh.cli import main as conmh
+    from conmh.codes import read_codes
+
+    cfg["paths"] = {k: str(tmp_path / k) for k in ("data", "work", "results", "logs")}
+    cfg["miniature"]["sizes"] = {"yfcc": {"n_train": 40, "n_database": 60, "n_queries": 10}}
+    lay, data = Layout.of(cfg), settings.data_dir(cfg, "yfcc")
+    assert steps.download(cfg, "yfcc") == 0 and steps.verify(cfg, "yfcc") == 0
+    for method in ("lsh", "itq"):
+        assert getattr(steps, method)(cfg, "yfcc", 16) == 0 and steps.evaluate(cfg, method, "yfcc", 16) == 0
+    by_hand = tmp_path / "by_hand"
+    typed = [
+        ["verify", "yfcc", data, "--report", f"{by_hand}/verify.json"],
+        ["lsh", "--dataset", "yfcc", "--data-dir", data, "--bits", "16", "--out", f"{by_hand}/lsh.h5"],
+        ["itq", "--dataset", "yfcc", "--data-dir", data, "--bits", "16", "--out", f"{by_hand}/itq.h5"],
     ]
+    typed += [
+        ["evaluate", f"{by_hand}/{m}.h5", "--out", f"{by_hand}/{m}.json", "--per-query", f"{by_hand}/{m}.csv"]
+        for m in ("lsh", "itq")
+    ]
+    assert [conmh(argv) for argv in typed] == [0] * len(typed)
+    capsys.readouterr()
+
+    def report(path) -> dict:  # without the times it took
+        return {k: v for k, v in json.loads(Path(path).read_text()).items() if k != "seconds"}
+
+    assert report(lay.verify_report("yfcc")) == report(by_hand / "verify.json")
+    for method in ("lsh", "itq"):
+        ours, theirs = read_codes(lay.codes(method, "yfcc", 16)), read_codes(by_hand / f"{method}.h5")
+        assert (ours.database == theirs.database).all() and (ours.queries == theirs.queries).all()
+        assert ours.attrs == theirs.attrs
+        metrics = json.loads(Path(lay.metrics(method, "yfcc", 16)).read_text())
+        metrics_by_hand = json.loads((by_hand / f"{method}.json").read_text())
+        metrics.pop("codes_sha256"), metrics_by_hand.pop("codes_sha256")
+        assert metrics == metrics_by_hand
+        assert Path(lay.per_query(method, "yfcc", 16)).read_text() == (by_hand / f"{method}.csv").read_text()
 
 
 def test_released_checkpoint_is_encoded_instead_of_trained(cfg, tmp_path, monkeypatch):

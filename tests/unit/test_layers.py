@@ -1,0 +1,59 @@
+"""The package's layers depend one way: library <- pipeline <- command line.
+
+Every import of every module is read from its source (function-level imports
+too), so a lazy import that would close a cycle at run time is caught here.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[2] / "conmh"
+
+
+def _module(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path) -> set[str]:
+    """Absolute names of the conmh modules that ``path`` imports, anywhere in it."""
+    name, found = _module(path), set()
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            found |= {f"{base}.{alias.name}" for alias in node.names} | {base}
+    return {m for m in found if m == "conmh" or m.startswith("conmh.")}
+
+
+def _layer(module: str) -> str:
+    if module == "conmh.cli" or module == "conmh.__main__":
+        return "cli"
+    return "pipeline" if module.startswith("conmh.pipeline") else "library"
+
+
+# what each layer may import
+ALLOWED = {"library": {"library"}, "pipeline": {"library", "pipeline"}, "cli": {"library", "pipeline", "cli"}}
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: _module(p))
+def test_a_module_imports_only_from_its_own_layer_or_below(path):
+    layer = _layer(_module(path))
+    wrong = sorted(m for m in imports_of(path) if _layer(m) not in ALLOWED[layer])
+    assert not wrong, f"{_module(path)} ({layer}) imports {wrong}"
+
+
+def test_the_reader_of_imports_sees_lazy_and_relative_imports(tmp_path):
+    steps = PACKAGE / "pipeline" / "steps.py"
+    assert "conmh.pipeline.launch" in imports_of(steps) and "conmh.atomic" in imports_of(steps)
+    assert "conmh.codes" in imports_of(steps)  # imported inside a function
+    assert "conmh.pipeline.cli" in imports_of(PACKAGE / "cli.py")  # `conmh pipeline` hands over to it
