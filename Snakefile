@@ -17,7 +17,7 @@ from conmh.datasets import DATASETS
 from conmh.errors import ConfigError
 from conmh.pipeline import config as settings
 from conmh.pipeline.paths import Layout
-from conmh.pipeline.report import figures_of
+from conmh.pipeline.paper import figures_of
 from conmh.pipeline.training_run import training_code
 
 min_version("9.0")
@@ -35,7 +35,7 @@ except ConfigError as exc:
 config.clear()
 config.update(_checked)
 LAYOUT = Layout.of(config)
-# The report's files, with only the figures this run has something to show in (report.figures_of).
+# The report's files, with only the figures this run has something to show in (paper.figures_of).
 FIGURES = figures_of(config)
 REPORT = LAYOUT.report_files(FIGURES)
 CONFIG = settings.write_effective_config(config)

@@ -9,5 +9,8 @@ function of the same name in ``steps.py``. The rest, one job each:
 * ``download.py`` -- miniature generation, resumable mirror downloads, sha256;
 * ``gpus.py`` -- which GPUs a job takes; ``launch.py`` -- torchrun and srun;
 * ``training_run.py`` -- a training folder that resumes, and knows when it is stale;
-* ``report.py`` -- the paper's table (``paper_table.csv``) and the figures.
+* ``report.py`` -- the report step: ``tables.py`` (the paper's table beside ours,
+  pandas), ``figures.py`` (seaborn), ``provenance.py`` (how it was made), and
+  ``paper.py`` (the paper's numbers, which figures a run draws; no pandas, the
+  Snakefile reads it).
 """

@@ -61,7 +61,7 @@ class Layout:
     def report_files(
         self, figures: tuple[str, ...] = ("map_at_k", "pr_curves", "per_class", "ours_vs_paper", "loss_curves")
     ) -> dict[str, str]:
-        """The report's files; ``figures`` names the figures this run draws (``report.figures_of``)."""
+        """The report's files; ``figures`` names the figures this run draws (``paper.figures_of``)."""
         r = self.results
         return {
             "table_csv": f"{r}/table.csv",

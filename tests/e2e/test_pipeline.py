@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from conmh.datasets import DATASETS
-from conmh.pipeline.report import PAPER_KS
+from conmh.pipeline.paper import PAPER_KS
 from helpers.repo import copy_repo, output, run, snakemake
 
 BITS = (16, 32, 64)

@@ -57,3 +57,18 @@ def test_the_reader_of_imports_sees_lazy_and_relative_imports(tmp_path):
     assert "conmh.pipeline.launch" in imports_of(steps) and "conmh.atomic" in imports_of(steps)
     assert "conmh.codes" in imports_of(steps)  # imported inside a function
     assert "conmh.pipeline.cli" in imports_of(PACKAGE / "cli.py")  # `conmh pipeline` hands over to it
+
+
+def test_the_snakefile_reads_the_package_without_pandas_seaborn_or_torch():
+    """Snakemake parses the Snakefile for every job (and every dry run): it must stay light."""
+    import re
+    import subprocess
+    import sys
+
+    snakefile = (PACKAGE.parent / "Snakefile").read_text(encoding="utf-8")
+    modules = re.findall(r"^from (conmh[\w.]*) import", snakefile, re.MULTILINE)
+    assert "conmh.pipeline.paper" in modules  # the report's figures
+    heavy = ("pandas", "seaborn", "matplotlib", "torch")
+    code = f"import sys, {', '.join(modules)}; print([m for m in {heavy!r} if m in sys.modules])"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]"

@@ -20,7 +20,7 @@ import yaml
 from conmh.datasets import DATASETS, get_layout
 from conmh.errors import ConfigError, DataError, LaunchError, MissingDataError
 from conmh.pipeline import config as settings
-from conmh.pipeline import download, gpus, launch, report, steps, training_run
+from conmh.pipeline import download, figures, gpus, launch, paper, steps, tables, training_run
 from conmh.pipeline.cli import main as pipeline
 from conmh.pipeline.paths import Layout
 from helpers.range_mirror import RangeMirror
@@ -676,12 +676,12 @@ def _long(tmp_path: Path, runs: list[tuple[str, int]], ks=(5, 10, 20, 40, 60, 80
             p = tmp_path / f"{d}-{method}-{b}.json"
             p.write_text(json.dumps(_metrics(d, method, b, value + b / 1000, ks)))
             paths.append(p)
-    return report.load_metrics(paths)
+    return tables.long_table(tables.load_details(paths))
 
 
 def test_report_table_has_a_row_per_dataset_bits_and_method_for_miniatures(tmp_path):
     runs = [(d, b) for d in DATASETS for b in (16, 32, 64)]
-    table = report.build_table(_long(tmp_path, runs), {d: "miniature" for d in DATASETS})
+    table = tables.build_table(_long(tmp_path, runs), {d: "miniature" for d in DATASETS})
     assert list(table.columns) == [
         "dataset",
         "data",
@@ -696,20 +696,20 @@ def test_report_table_has_a_row_per_dataset_bits_and_method_for_miniatures(tmp_p
     ]
     assert len(table) == 9 * 2
     assert set(table["data"]) == {"synthetic"}
-    assert set(table["result"]) == {report.ROW_OURS, report.ROW_LSH}  # never compared with the paper
+    assert set(table["result"]) == {tables.ROW_OURS, tables.ROW_LSH}  # never compared with the paper
     assert list(table["dataset"].unique()) == ["FCVID", "ActivityNet", "YFCC"]
-    row = table[(table["dataset"] == "YFCC") & (table["bits"] == 32) & (table["result"] == report.ROW_OURS)]
+    row = table[(table["dataset"] == "YFCC") & (table["bits"] == 32) & (table["result"] == tables.ROW_OURS)]
     assert row["mAP@20"].item() == pytest.approx(0.6 + 0.032 - 0.020)
 
 
 def test_report_puts_the_paper_beside_real_results_with_the_difference(tmp_path):
     runs = [("fcvid", b) for b in (16, 32, 64)] + [("yfcc", 16)]
-    table = report.build_table(_long(tmp_path, runs), {"fcvid": "real", "yfcc": "miniature"})
+    table = tables.build_table(_long(tmp_path, runs), {"fcvid": "real", "yfcc": "miniature"})
     assert len(table) == 3 * 4 + 2
     fc64 = table[(table["dataset"] == "FCVID") & (table["bits"] == 64)].set_index("result")
-    assert list(fc64.index) == [report.ROW_OURS, report.ROW_LSH, report.ROW_PAPER, report.ROW_DIFF]
+    assert list(fc64.index) == [tables.ROW_OURS, tables.ROW_LSH, tables.ROW_PAPER, tables.ROW_DIFF]
     # docs/reference.md §6, FCVID 64 bits.
-    assert list(fc64.loc[report.ROW_PAPER, ["mAP@5", "mAP@20", "mAP@40", "mAP@60", "mAP@80", "mAP@100"]]) == [
+    assert list(fc64.loc[tables.ROW_PAPER, ["mAP@5", "mAP@20", "mAP@40", "mAP@60", "mAP@80", "mAP@100"]]) == [
         0.524,
         0.373,
         0.326,
@@ -717,31 +717,31 @@ def test_report_puts_the_paper_beside_real_results_with_the_difference(tmp_path)
         0.283,
         0.267,
     ]
-    for k in report.PAPER_KS:
-        assert fc64.loc[report.ROW_DIFF, f"mAP@{k}"] == pytest.approx(
-            fc64.loc[report.ROW_OURS, f"mAP@{k}"] - fc64.loc[report.ROW_PAPER, f"mAP@{k}"]
+    for k in paper.PAPER_KS:
+        assert fc64.loc[tables.ROW_DIFF, f"mAP@{k}"] == pytest.approx(
+            fc64.loc[tables.ROW_OURS, f"mAP@{k}"] - fc64.loc[tables.ROW_PAPER, f"mAP@{k}"]
         )
-    assert set(table.loc[table["dataset"] == "YFCC", "result"]) == {report.ROW_OURS, report.ROW_LSH}
+    assert set(table.loc[table["dataset"] == "YFCC", "result"]) == {tables.ROW_OURS, tables.ROW_LSH}
 
 
 def test_paper_table_matches_the_reference():
-    assert len(report.PAPER) == 9
-    assert report.PAPER["activitynet", 16] == (0.156, 0.081, 0.050, 0.036, 0.029, 0.024)
-    assert report.PAPER["yfcc", 64] == (0.369, 0.195, 0.158, 0.144, 0.135, 0.130)
-    for values in report.PAPER.values():  # mAP@K falls with K in the paper's table
+    assert len(paper.PAPER) == 9
+    assert paper.PAPER["activitynet", 16] == (0.156, 0.081, 0.050, 0.036, 0.029, 0.024)
+    assert paper.PAPER["yfcc", 64] == (0.369, 0.195, 0.158, 0.144, 0.135, 0.130)
+    for values in paper.PAPER.values():  # mAP@K falls with K in the paper's table
         assert list(values) == sorted(values, reverse=True)
 
 
 def test_report_leaves_missing_ks_empty(tmp_path):
-    table = report.build_table(_long(tmp_path, [("fcvid", 16)], ks=(5, 20)), {"fcvid": "real"})
+    table = tables.build_table(_long(tmp_path, [("fcvid", 16)], ks=(5, 20)), {"fcvid": "real"})
     assert [c for c in table.columns if c.startswith("mAP@")] == ["mAP@5", "mAP@20"]
-    md = report.to_markdown(table)
+    md = tables.to_markdown(table)
     assert "+0." in md or "-0." in md  # differences are signed
 
 
 def test_paper_table_csv_is_the_table_of_docs_reference():
     doc = (ROOT / "docs" / "reference.md").read_text(encoding="utf-8")
-    for (dataset, bits), values in report.PAPER.items():
+    for (dataset, bits), values in paper.PAPER.items():
         assert any(str(bits) in line and all(f"{v:.3f}" in line for v in values) for line in doc.splitlines()), (
             dataset,
             bits,
@@ -851,14 +851,14 @@ def test_report_writes_tables_figures_metrics_and_plots(tmp_path):
 
 def test_a_figure_with_nothing_to_show_is_left_out(cfg):
     always = ("map_at_k", "pr_curves", "per_class")
-    assert report.figures_of(cfg) == (*always, "loss_curves")  # miniatures only
+    assert paper.figures_of(cfg) == (*always, "loss_curves")  # miniatures only
     cfg["yfcc"]["source"] = "real"
-    assert report.figures_of(cfg) == (*always, "ours_vs_paper", "loss_curves")
+    assert paper.figures_of(cfg) == (*always, "ours_vs_paper", "loss_curves")
     cfg["bits"] = [128]  # no paper numbers at 128 bits
-    assert report.figures_of(cfg) == (*always, "loss_curves")
+    assert paper.figures_of(cfg) == (*always, "loss_curves")
     cfg["bits"] = [64]
     cfg["checkpoints"] = {d: {"64": f"/m/{d}.pth"} for d in DATASETS}  # nothing trained
-    assert report.figures_of(cfg) == (*always, "ours_vs_paper")
+    assert paper.figures_of(cfg) == (*always, "ours_vs_paper")
 
 
 def test_the_pr_figure_draws_every_radius_as_it_is(tmp_path):
@@ -878,6 +878,6 @@ def test_the_pr_figure_draws_every_radius_as_it_is(tmp_path):
         }
     )
     first, second = tmp_path / "a.png", tmp_path / "b.png"
-    report.figure_pr(pr, first)
-    report.figure_pr(pr, second)
+    figures.figure_pr(pr, first)
+    figures.figure_pr(pr, second)
     assert first.read_bytes() == second.read_bytes()

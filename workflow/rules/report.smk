@@ -1,5 +1,5 @@
 # The paper's table (CSV, Markdown, LaTeX), metrics and plots for DVC, provenance
-# tables and figures; a figure with nothing to show is left out (report.figures_of).
+# tables and figures; a figure with nothing to show is left out (paper.figures_of).
 
 
 rule report:

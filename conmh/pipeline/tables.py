@@ -1,0 +1,217 @@
+"""The report's tables (pandas): the paper's table beside ours, per-run summaries, and the long-form
+curves that ``dvc plots`` and the figures draw, from the metrics files and training logs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from .paper import DISPLAY, METHOD_DISPLAY, PAPER, PAPER_KS, label
+
+ROW_OURS, ROW_PAPER, ROW_DIFF = "ConMH (ours)", "ConMH (paper)", "ours - paper"
+
+ROW_LSH, ROW_ITQ = "LSH (ours)", "ITQ (ours)"
+
+ROW_RELEASED = "ConMH (released checkpoint)"
+
+SYNTHETIC_NOTE = (
+    "Rows with data = synthetic come from the miniature datasets (seeded synthetic features with the "
+    "real file layout). They show that the pipeline works and how ConMH compares with the baselines; they are not "
+    "comparable with the paper and are never compared with it."
+)
+
+
+def col(k: int) -> str:
+    return f"mAP@{k}"
+
+
+def load_details(paths: list[Path]) -> dict[tuple[str, str, int], dict]:
+    """Every metrics file by (dataset, method, bits), read once: mAP@K and the measures beyond it."""
+    out = {}
+    for path in paths:
+        m = json.loads(Path(path).read_text(encoding="utf-8"))
+        out[m["dataset"], m["method"], int(m["bits"])] = m
+    return out
+
+
+def long_table(details: dict[tuple[str, str, int], dict]) -> pd.DataFrame:
+    """Long table (dataset, method, bits, k, map) of the metrics files' mAP@K."""
+    rows = [(d, m, b, int(k), float(v)) for (d, m, b), metrics in details.items() for k, v in metrics["map"].items()]
+    return pd.DataFrame(rows, columns=["dataset", "method", "bits", "k", "map"])
+
+
+def load_logs(logs: dict[tuple[str, int], Path]) -> pd.DataFrame:
+    """Long table (dataset, bits, epoch, loss, recon, contrast) of the training logs (empty logs skipped)."""
+    frames = []
+    for (dataset, bits), path in logs.items():
+        path = Path(path)
+        if path.exists() and path.stat().st_size:
+            df = pd.read_json(path, lines=True)
+            frames.append(df.assign(dataset=dataset, bits=bits))
+    if not frames:
+        return pd.DataFrame(columns=["dataset", "bits", "epoch", "loss", "recon", "contrast"])
+    return pd.concat(frames, ignore_index=True)
+
+
+def build_table(
+    long: pd.DataFrame,
+    sources: dict[str, str],
+    released: set[tuple[str, int]] = frozenset(),
+    ks: tuple[int, ...] = PAPER_KS,
+) -> pd.DataFrame:
+    """The paper's table: a row per dataset x bits x {ours, ITQ, LSH, paper, difference}.
+
+    Datasets keep the order of ``sources``; paper and difference rows appear
+    only for real datasets at the paper's code lengths.
+    """
+    ks = tuple(k for k in ks if k in set(long["k"]))
+    wide = long.pivot_table(index=["dataset", "bits", "method"], columns="k", values="map")
+    rows = []
+    for dataset, source in sources.items():
+        real = source == "real"
+        for bits in sorted(long.loc[long["dataset"] == dataset, "bits"].unique()):
+            bits = int(bits)
+
+            def values(method: str) -> list[float]:
+                key = (dataset, bits, method)
+                return [wide.loc[key, k] if key in wide.index else float("nan") for k in ks]
+
+            head = {"dataset": DISPLAY[dataset], "data": "real" if real else "synthetic", "bits": bits}
+            ours = values("conmh")
+            rows.append(
+                {
+                    **head,
+                    "result": ROW_RELEASED if (dataset, bits) in released else ROW_OURS,
+                    **dict(zip(map(col, ks), ours)),
+                }
+            )
+            for method, row in (("itq", ROW_ITQ), ("lsh", ROW_LSH)):
+                if (dataset, bits, method) in wide.index:  # a baseline that was run
+                    rows.append({**head, "result": row, **dict(zip(map(col, ks), values(method)))})
+            if real and (dataset, bits) in PAPER:
+                paper = dict(zip(PAPER_KS, PAPER[dataset, bits]))
+                rows.append({**head, "result": ROW_PAPER, **{col(k): paper[k] for k in ks if k in paper}})
+                rows.append(
+                    {**head, "result": ROW_DIFF, **{col(k): o - paper[k] for k, o in zip(ks, ours) if k in paper}}
+                )
+    return pd.DataFrame(rows, columns=["dataset", "data", "bits", "result", *map(col, ks)])
+
+
+def summary(long: pd.DataFrame, details: dict[tuple[str, str, int], dict]) -> dict[tuple[str, str, int], dict]:
+    """{(dataset, method, bits): {"mAP@K": value, ..., "P@r<=2": value}}: one small metrics file per run
+    (Layout.summary), so that ``dvc metrics show`` and ``dvc exp show`` list a row per run."""
+    out: dict[tuple[str, str, int], dict[str, float]] = {}
+    for (dataset, method, bits), group in long.sort_values("k").groupby(["dataset", "method", "bits"]):
+        key = (dataset, method, int(bits))
+        out[key] = {col(int(k)): round(float(v), 6) for k, v in zip(group["k"], group["map"])}
+        if "precision_within_radius_2" in details.get(key, {}):
+            out[key]["P@r<=2"] = round(float(details[key]["precision_within_radius_2"]), 6)
+    return out
+
+
+def pr_table(details: dict[tuple[str, str, int], dict], sources: dict[str, str]) -> pd.DataFrame:
+    """Precision and recall at every Hamming radius, long form (dataset, method, bits, radius, precision,
+    recall), for ``dvc plots`` and the figure."""
+    rows = [
+        (label(d, sources), METHOD_DISPLAY.get(m, m), b, r, p, rc)
+        for d in sources
+        for (dd, m, b), metrics in sorted(
+            details.items(), key=lambda kv: (kv[0][2], list(METHOD_DISPLAY).index(kv[0][1]))
+        )
+        if dd == d and "pr_curve" in metrics
+        for r, p, rc in zip(*(metrics["pr_curve"][c] for c in ("radius", "precision", "recall")))
+    ]
+    return pd.DataFrame(rows, columns=["dataset", "method", "bits", "radius", "precision", "recall"])
+
+
+def per_class_table(details: dict[tuple[str, str, int], dict], sources: dict[str, str], k: int) -> pd.DataFrame:
+    """mAP@k of every class that has queries, at each dataset's longest code length (long form: dataset,
+    method, class, queries, mAP); ``rank`` orders the classes by ConMH's value, best first."""
+    frames = []
+    for d in sources:
+        runs_of = {(m, b): v for (dd, m, b), v in details.items() if dd == d and "per_class_map" in v}
+        if not runs_of:
+            continue
+        bits = max(b for _, b in runs_of)
+        for (m, b), metrics in runs_of.items():
+            if b != bits or str(k) not in metrics["per_class_map"]["map"]:
+                continue
+            per_class = metrics["per_class_map"]
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "dataset": f"{label(d, sources)}, {bits} bits",
+                        "method": METHOD_DISPLAY.get(m, m),
+                        "class": range(len(per_class["n_queries"])),
+                        "queries": per_class["n_queries"],
+                        "mAP": [float("nan") if v is None else v for v in per_class["map"][str(k)]],
+                    }
+                )
+            )
+    columns = ["dataset", "method", "class", "queries", "mAP", "rank"]
+    if not frames:
+        return pd.DataFrame(columns=columns)
+    df = pd.concat(frames, ignore_index=True).dropna(subset=["mAP"])
+    ours = df[df["method"] == "ConMH"].sort_values(["dataset", "mAP", "class"], ascending=[True, False, True])
+    rank = {(d, c): i for d, group in ours.groupby("dataset") for i, c in enumerate(group["class"])}
+    df["rank"] = [rank.get((d, c), -1) for d, c in zip(df["dataset"], df["class"])]
+    return df[columns]
+
+
+def curves(long: pd.DataFrame, sources: dict[str, str]) -> pd.DataFrame:
+    """mAP@K in long form, labelled for the plot (for ``dvc plots``)."""
+    order = {d: i for i, d in enumerate(sources)}
+    df = long.assign(order=long["dataset"].map(order)).sort_values(["order", "method", "bits", "k"])
+    return pd.DataFrame(
+        {
+            "dataset": [label(d, sources) for d in df["dataset"]],
+            "method": df["method"].map(METHOD_DISPLAY).fillna(df["method"]).to_numpy(),
+            "bits": df["bits"].to_numpy(),
+            "k": df["k"].to_numpy(),
+            "mAP": df["map"].to_numpy(),
+        }
+    )
+
+
+def loss_table(logs: pd.DataFrame, sources: dict[str, str]) -> pd.DataFrame:
+    """The training losses in long form (for ``dvc plots``): dataset, bits, epoch, loss, recon, contrast."""
+    columns = ["dataset", "bits", "epoch", "loss", "recon", "contrast"]
+    if logs.empty:
+        return pd.DataFrame(columns=columns)
+    df = logs.assign(dataset=[label(d, sources) for d in logs["dataset"]])
+    return df[columns].sort_values(["dataset", "bits", "epoch"], kind="stable")
+
+
+def formatted(table: pd.DataFrame) -> pd.DataFrame:
+    """mAP columns as text: 3 decimals, differences signed, "-" where a value is missing."""
+    diff = table["result"] == ROW_DIFF
+    out = table.copy()
+    for c in (c for c in table.columns if c.startswith("mAP@")):
+        out[c] = ["-" if pd.isna(v) else (f"{v:+.3f}" if d else f"{v:.3f}") for v, d in zip(table[c], diff)]
+    return out
+
+
+def table_notes(table: pd.DataFrame) -> list[str]:
+    """What a reader of the table must know: synthetic rows, paper rows."""
+    notes = []
+    if (table["data"] == "synthetic").any():
+        notes.append(SYNTHETIC_NOTE)
+    if (table["data"] == "real").any():
+        notes.append("For real datasets, 'ConMH (paper)' is the paper's table and 'ours - paper' the difference.")
+    return notes
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    shown = formatted(table)
+    align = ["left", "left", "right", "left"] + ["right"] * (len(shown.columns) - 4)
+    text = shown.to_markdown(index=False, disable_numparse=True, colalign=align)
+    notes = table_notes(table)
+    return text + "\n\n" + "\n\n".join(notes) + ("\n" if notes else "")
+
+
+def to_latex(table: pd.DataFrame) -> str:
+    shown = formatted(table).replace({"-": "--"})
+    maps = [c for c in table.columns if c.startswith("mAP@")]
+    return shown.style.hide(axis="index").to_latex(hrules=True, column_format="lllr" + "r" * len(maps))
