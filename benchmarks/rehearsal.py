@@ -73,8 +73,8 @@ from conmh.atomic import write_text_atomic
 from conmh.datasets import get_layout
 from conmh.device import IN_MEMORY_LIMIT_BYTES
 from conmh.pipeline.config import METHODS, check_config, data_dir, load_config, recipe_changes, write_effective_config
-from conmh.pipeline.paths import Layout
 from conmh.pipeline.paper import figures_of
+from conmh.pipeline.paths import Layout
 from conmh.recipes import Recipe, get_recipe
 from conmh.synthetic import RELEASE_CLASSES, release_spec
 
