@@ -65,14 +65,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_train import MatmulPeak, Runner, dtype_name, sync  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conmh.atomic import atomic_path, write_text_atomic  # noqa: E402
 from conmh.datasets import FEATURE_KEY, LAYOUTS  # noqa: E402
 from conmh.device import numerics  # noqa: E402
 from conmh.encode import encode_features  # noqa: E402
-from conmh.features import FeatureFiles  # noqa: E402
+from conmh.features import ArrayFeatures, FeatureFiles  # noqa: E402
 from conmh.model import ConMH, ModelConfig  # noqa: E402
 from conmh.recipes import get_recipe  # noqa: E402
 from conmh.train import LOG, train, training_step  # noqa: E402
+from helpers.repo import copy_repo  # noqa: E402  (the tests' fresh copy of the repository)
 
 ROOT = Path(__file__).resolve().parents[1]
 FCVID = LAYOUTS["fcvid"]
@@ -83,23 +85,6 @@ PARTS = ("resident", "stream", "encode", "pipeline")
 PRECISION_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Seconds a part needs at least to be started (the pipeline then gets all that is left).
 MIN_SECONDS = {"resident": 0, "stream": 30, "encode": 15, "pipeline": 60}
-# Never copied into the pipeline's scratch repository: outputs, tool state, wheels (top level) and caches.
-NOT_COPIED_TOP = {
-    ".git",
-    ".dvc",
-    "data",
-    "work",
-    "results",
-    "logs",
-    ".snakemake",
-    "report.html",
-    "build",
-    ".venv",
-    ".whl",
-    ".device",
-    "dvc.lock",
-}
-NOT_COPIED = {"__pycache__", ".pytest_cache", ".hypothesis"}
 
 
 # --------------------------------------------------------------------------- bookkeeping
@@ -228,18 +213,6 @@ def write_h5(path: Path, feats: np.ndarray) -> None:
             fh.create_dataset(FEATURE_KEY, data=feats, dtype=np.float32)
 
 
-class ArrayFeatures:
-    """An in-memory array with the reading interface ``encode_features`` uses."""
-
-    def __init__(self, array: np.ndarray) -> None:
-        self.array = array
-        self.n, self.frames, self.dim = array.shape
-        self.paths, self.key = (Path("<memory>"),), FEATURE_KEY
-
-    def read(self, start: int, stop: int) -> np.ndarray:
-        return self.array[start:stop]
-
-
 # --------------------------------------------------------------------------- measurements
 
 
@@ -357,17 +330,6 @@ def encode_rate(feats, cfg: ModelConfig, device: torch.device, batch_size: int, 
 
 
 # --------------------------------------------------------------------------- pipeline
-
-
-def copy_repo(dest: Path) -> Path:
-    """The repository's sources, without outputs, tool state or wheels."""
-
-    def ignore(folder: str, names: list[str]) -> set[str]:
-        top = Path(folder) == ROOT
-        return {n for n in names if n in NOT_COPIED or n.endswith(".egg-info") or (top and n in NOT_COPIED_TOP)}
-
-    shutil.copytree(ROOT, dest, ignore=ignore)
-    return dest
 
 
 class GpuProcesses:

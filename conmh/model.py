@@ -396,7 +396,3 @@ def load_checkpoint(path: str | Path, model: ConMH | None = None, cfg: ModelConf
         )
     model.load_state_dict(state)
     return model
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

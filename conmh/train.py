@@ -419,7 +419,7 @@ def train(
     progress: bool = True,
     stop_after: int | None = None,
     activation_checkpointing: bool = False,
-    keep_freed_memory: bool = False,
+    keep_freed_memory: bool = True,
     data_mode: str = "auto",
     precision: str = "auto",
     deterministic: bool = False,
@@ -435,11 +435,12 @@ def train(
     pass instead of keeping their activations (less memory, more compute, the
     same weights).
 
-    ``keep_freed_memory``: when the training array is held in memory, tell
-    glibc to keep freed memory in the process (``conmh.allocator``: fewer page
-    faults, RSS at its peak). Streamed runs keep glibc's defaults: they stream
-    because memory is scarce, and the kept heap's fragmentation costs them
-    about 1 GB of RSS at FCVID's batch of 512.
+    ``keep_freed_memory`` (default, as ``conmh train``): when the training array
+    is held in memory, tell glibc to keep freed memory in the process
+    (``conmh.allocator``: fewer page faults, RSS at its peak; process-wide).
+    Streamed runs keep glibc's defaults: they stream because memory is scarce,
+    and the kept heap's fragmentation costs them about 1 GB of RSS at FCVID's
+    batch of 512.
 
     ``deterministic``: bit-reproducible kernels on GPUs too (``conmh.device.numerics``);
     on CPUs the kernels used are deterministic anyway.

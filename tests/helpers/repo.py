@@ -25,6 +25,8 @@ IGNORED = {
     "build",
     ".venv",
     ".ruff_cache",
+    ".device",  # the GPU machine's own files (benchmarks/bench_gpu.py copies the repository there)
+    ".whl",
 }
 
 
