@@ -3,8 +3,8 @@
 A training step allocates and frees the same large activations every step
 (hundreds of MB at FCVID's shapes). With glibc's defaults every block above
 the mmap threshold (at most 32 MiB) is a fresh ``mmap``: it is returned to the
-kernel when freed and page-faulted in again at the next step, about 1 s of
-system time per FCVID step on one core (benchmarks/README.md). Telling malloc
+kernel when freed and page-faulted in again at the next step, which costs
+system time at every FCVID step (benchmarks/README.md). Telling malloc
 to serve large blocks from its heap and never to trim the heap keeps that
 memory in the process between steps. The cost: the process's RSS stays at its
 peak instead of falling between steps.

@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--activation-checkpointing",
         action="store_true",
         help="recompute the encoder blocks in the backward pass instead of keeping their activations: "
-        "about 1.3 GB less memory at FCVID's batch of 512 for ~20%% more compute, same weights",
+        "less memory for more compute, same weights (figures: benchmarks/README.md)",
     )
     p.add_argument(
         "--default-allocator",

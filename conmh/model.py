@@ -219,8 +219,8 @@ class Encoder(nn.Module):
         self.head = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.apply(xavier_init)
         # Activation checkpointing: keep only each block's input and recompute its
-        # inside in the backward pass (same values; ~1.3 GB less at FCVID's batch of
-        # 512 for ~20% more compute). Set by ``conmh train --activation-checkpointing``.
+        # inside in the backward pass (same values, less memory, more compute:
+        # benchmarks/README.md). Set by ``conmh train --activation-checkpointing``.
         self.checkpoint_blocks = False
 
     def forward(self, feats: torch.Tensor, frame_idx: torch.Tensor | None = None) -> torch.Tensor:

@@ -439,8 +439,7 @@ def train(
     is held in memory, tell glibc to keep freed memory in the process
     (``conmh.allocator``: fewer page faults, RSS at its peak; process-wide).
     Streamed runs keep glibc's defaults: they stream because memory is scarce,
-    and the kept heap's fragmentation costs them about 1 GB of RSS at FCVID's
-    batch of 512.
+    and the kept heap's fragmentation costs them RSS (benchmarks/README.md).
 
     ``deterministic``: bit-reproducible kernels on GPUs too (``conmh.device.numerics``);
     on CPUs the kernels used are deterministic anyway.
