@@ -229,16 +229,17 @@ def test_each_step_writes_what_the_conmh_command_writes(cfg, tmp_path, capsys):
     from conmh.codes import read_codes
 
     cfg["paths"] = {k: str(tmp_path / k) for k in ("data", "work", "results", "logs")}
-    cfg["miniature"]["sizes"] = {"yfcc": {"n_train": 40, "n_database": 60, "n_queries": 10}}
-    lay, data = Layout.of(cfg), settings.data_dir(cfg, "yfcc")
-    assert steps.download(cfg, "yfcc") == 0 and steps.verify(cfg, "yfcc") == 0
+    cfg["miniature"]["sizes"] = {"activitynet": {"n_train": 40, "n_database": 60, "n_queries": 10, "feature_dim": 32}}
+    lay, data = Layout.of(cfg), settings.data_dir(cfg, "activitynet")
+    assert steps.download(cfg, "activitynet") == 0 and steps.verify(cfg, "activitynet") == 0
     for method in ("lsh", "itq"):
-        assert getattr(steps, method)(cfg, "yfcc", 16) == 0 and steps.evaluate(cfg, method, "yfcc", 16) == 0
+        assert getattr(steps, method)(cfg, "activitynet", 16) == 0
+        assert steps.evaluate(cfg, method, "activitynet", 16) == 0
     by_hand = tmp_path / "by_hand"
     typed = [
-        ["verify", "yfcc", data, "--report", f"{by_hand}/verify.json"],
-        ["lsh", "--dataset", "yfcc", "--data-dir", data, "--bits", "16", "--out", f"{by_hand}/lsh.h5"],
-        ["itq", "--dataset", "yfcc", "--data-dir", data, "--bits", "16", "--out", f"{by_hand}/itq.h5"],
+        ["verify", "activitynet", data, "--report", f"{by_hand}/verify.json"],
+        ["lsh", "--dataset", "activitynet", "--data-dir", data, "--bits", "16", "--out", f"{by_hand}/lsh.h5"],
+        ["itq", "--dataset", "activitynet", "--data-dir", data, "--bits", "16", "--out", f"{by_hand}/itq.h5"],
     ]
     typed += [
         ["evaluate", f"{by_hand}/{m}.h5", "--out", f"{by_hand}/{m}.json", "--per-query", f"{by_hand}/{m}.csv"]
@@ -250,16 +251,16 @@ def test_each_step_writes_what_the_conmh_command_writes(cfg, tmp_path, capsys):
     def report(path) -> dict:  # without the times it took
         return {k: v for k, v in json.loads(Path(path).read_text()).items() if k != "seconds"}
 
-    assert report(lay.verify_report("yfcc")) == report(by_hand / "verify.json")
+    assert report(lay.verify_report("activitynet")) == report(by_hand / "verify.json")
     for method in ("lsh", "itq"):
-        ours, theirs = read_codes(lay.codes(method, "yfcc", 16)), read_codes(by_hand / f"{method}.h5")
+        ours, theirs = read_codes(lay.codes(method, "activitynet", 16)), read_codes(by_hand / f"{method}.h5")
         assert (ours.database == theirs.database).all() and (ours.queries == theirs.queries).all()
         assert ours.attrs == theirs.attrs
-        metrics = json.loads(Path(lay.metrics(method, "yfcc", 16)).read_text())
+        metrics = json.loads(Path(lay.metrics(method, "activitynet", 16)).read_text())
         metrics_by_hand = json.loads((by_hand / f"{method}.json").read_text())
         metrics.pop("codes_sha256"), metrics_by_hand.pop("codes_sha256")
         assert metrics == metrics_by_hand
-        assert Path(lay.per_query(method, "yfcc", 16)).read_text() == (by_hand / f"{method}.csv").read_text()
+        assert Path(lay.per_query(method, "activitynet", 16)).read_text() == (by_hand / f"{method}.csv").read_text()
 
 
 def test_released_checkpoint_is_encoded_instead_of_trained(cfg, tmp_path, monkeypatch):
