@@ -2,7 +2,7 @@
 
 The tests need a running cluster with job accounting (``sacct``), at least two
 nodes, the account and partitions they submit to, and the Snakemake executor
-plugin. ``workflow/cluster/slurm-localhost.sh start`` makes such a cluster on
+plugin. ``tests/cluster/slurm-localhost.sh start`` makes such a cluster on
 this machine. Without one the tests are skipped, with the reason; with
 ``CONMH_REQUIRE_CLUSTER`` set (as in .ci/run) they fail instead.
 
@@ -38,7 +38,7 @@ FINISHED = (
     "BOOT_FAIL",
     "DEADLINE",
 )
-START_HINT = "start one with `workflow/cluster/slurm-localhost.sh start` (root, Debian)"
+START_HINT = "start one with `tests/cluster/slurm-localhost.sh start` (root, Debian)"
 
 
 class ClusterProblem(Exception):

@@ -2,9 +2,9 @@
 # A SLURM cluster on this machine, with job accounting and two nodes, for testing
 # the pipeline's SLURM profile (workflow/profiles/slurm) and its multi-node launch.
 #
-#   workflow/cluster/slurm-localhost.sh start    # installs what is missing (apt-get), starts the daemons
-#   workflow/cluster/slurm-localhost.sh status   # exit 0 when every daemon runs and both nodes are usable
-#   workflow/cluster/slurm-localhost.sh stop     # cancels the jobs, stops the daemons
+#   tests/cluster/slurm-localhost.sh start    # installs what is missing (apt-get), starts the daemons
+#   tests/cluster/slurm-localhost.sh status   # exit 0 when every daemon runs and both nodes are usable
+#   tests/cluster/slurm-localhost.sh stop     # cancels the jobs, stops the daemons
 #
 # Root only, Debian (or Ubuntu). Each command is idempotent. Nothing runs under
 # systemd: munged, mariadbd, slurmdbd, slurmctld and slurmd are started directly
@@ -149,7 +149,7 @@ write_config() {
     mem_mb=$(awk '/^MemTotal:/ { mb = int($2 / 1024); m = int(mb / 10); if (m < 512) m = 512; print int((mb - m) / 2) }' /proc/meminfo)
 
     install_file 644 "$ETC/slurm.conf" <<EOF
-# Written by workflow/cluster/slurm-localhost.sh: a test cluster on one machine.
+# Written by tests/cluster/slurm-localhost.sh: a test cluster on one machine.
 ClusterName=$CLUSTER
 SlurmctldHost=$HOST(127.0.0.1)
 SlurmctldPort=$CTLD_PORT
@@ -198,7 +198,7 @@ EOF
     # The database password is made once and kept; slurmdbd wants its file private.
     [ -s "$ETC/db-password" ] || install_file 600 "$ETC/db-password" < <(head -c 18 /dev/urandom | base64 | tr -d '/+=')
     install_file 600 "$ETC/slurmdbd.conf" <<EOF
-# Written by workflow/cluster/slurm-localhost.sh.
+# Written by tests/cluster/slurm-localhost.sh.
 AuthType=auth/munge
 AuthInfo=socket=$MUNGE_SOCKET
 DbdHost=localhost
