@@ -33,15 +33,15 @@ from hypothesis import strategies as st
 
 from conmh.atomic import atomic_path
 from conmh.cli import main
-from conmh.codes import Codes, pack_bits, read_codes, unpack_bits, write_codes
+from conmh.codes import Codes, pack_bits, read_codes, write_codes
 from conmh.errors import CodesError
 from conmh.metrics import evaluate, map_at_k
 from conmh.model import ModelConfig
 from conmh.recipes import Recipe
 from conmh.synthetic import MiniatureSpec, make_miniature
 from conmh.train import CHECKPOINT, FINAL_MODEL, LOG, train
+from helpers.conmh_runs import DATASET, encode_argv, log_values, train_argv, truncate, unpacked, weights
 
-DATASET = "activitynet"
 TINY = MiniatureSpec(n_train=32, n_database=24, n_queries=8, feature_dim=16, n_classes=4)
 EPOCHS, BATCH = 3, 16  # two steps per epoch
 TIMEOUT = 180
@@ -93,6 +93,10 @@ def killed_run(argv: list[str], at: str, n: int) -> subprocess.CompletedProcess:
     )
 
 
+def _train_argv(data: Path, out: Path, bits: int = 16, dataset: str = DATASET, epochs: int = EPOCHS) -> list[str]:
+    return train_argv(data, out, epochs=epochs, bits=bits, dataset=dataset)
+
+
 @contextlib.contextmanager
 def one_thread():
     """Every run of a comparison uses one torch thread (as the pipeline does), then the old setting returns."""
@@ -102,70 +106,6 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def train_argv(data: Path, out: Path, bits: int = 16, dataset: str = DATASET, epochs: int = EPOCHS) -> list[str]:
-    return [
-        "train",
-        "--dataset",
-        dataset,
-        "--data-dir",
-        str(data),
-        "--bits",
-        str(bits),
-        "--out-dir",
-        str(out),
-        "--preset",
-        "mini",
-        "--epochs",
-        str(epochs),
-        "--batch-size",
-        str(BATCH),
-        "--device",
-        "cpu",
-        "--threads",
-        "1",
-        "--no-progress",
-    ]
-
-
-def encode_argv(data: Path, model: Path, out: Path, dataset: str = DATASET) -> list[str]:
-    return [
-        "encode",
-        "--checkpoint",
-        str(model),
-        "--dataset",
-        dataset,
-        "--data-dir",
-        str(data),
-        "--out",
-        str(out),
-        "--device",
-        "cpu",
-        "--threads",
-        "1",
-        "--no-progress",
-    ]
-
-
-def unpacked(path: Path) -> dict[str, np.ndarray]:
-    codes = read_codes(path)
-    return {
-        "database": unpack_bits(codes.database, codes.bits),
-        "database_labels": codes.database_labels,
-        "queries": unpack_bits(codes.queries, codes.bits),
-        "query_labels": codes.query_labels,
-    }
-
-
-def log_values(path: Path) -> list[tuple]:
-    """The deterministic part of the training log (timings differ between runs)."""
-    entries = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-    return [(e["epoch"], e["loss"], e["recon"], e["contrast"], e["lr"]) for e in entries]
-
-
-def state(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=True)["model_state_dict"]
 
 
 @dataclass
@@ -180,14 +120,14 @@ def ref(tmp_path_factory) -> Reference:
     root = tmp_path_factory.mktemp("reliability")
     make_miniature(DATASET, root / "data", seed=0, spec=TINY)
     with one_thread():
-        assert main(train_argv(root / "data", root / "run")) == 0
+        assert main(_train_argv(root / "data", root / "run")) == 0
         assert main(encode_argv(root / "data", root / "run" / FINAL_MODEL, root / "codes.h5")) == 0
     return Reference(root / "data", root / "run", root / "codes.h5")
 
 
 def assert_same_run(out: Path, ref: Reference, codes: Path) -> None:
     """Weights, per-epoch losses and codes equal the uninterrupted run's; no temporary file is left."""
-    reference, got = state(ref.run / FINAL_MODEL), state(out / FINAL_MODEL)
+    reference, got = weights(ref.run / FINAL_MODEL), weights(out / FINAL_MODEL)
     assert got.keys() == reference.keys()
     assert all(torch.equal(got[k], reference[k]) for k in got)
     assert log_values(out / LOG) == log_values(ref.run / LOG)
@@ -217,7 +157,7 @@ def test_killed_training_resumes_to_identical_codes(
     tmp_path: Path, ref: Reference, at: str, n: int, checkpointed: int
 ) -> None:
     out = tmp_path / "run"
-    proc = killed_run(train_argv(ref.data, out), at, n)
+    proc = killed_run(_train_argv(ref.data, out), at, n)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     # What the kill left: the last complete epoch's checkpoint, loadable; never a half file at a final path.
     assert checkpoint_epoch(out / CHECKPOINT) == checkpointed
@@ -227,7 +167,7 @@ def test_killed_training_resumes_to_identical_codes(
     if at != "step":
         assert len(list(out.glob(".*.tmp"))) == 1  # the torn write stayed under its temporary name
     with one_thread():
-        assert main(train_argv(ref.data, out)) == 0  # the same command again
+        assert main(_train_argv(ref.data, out)) == 0  # the same command again
         assert main(encode_argv(ref.data, out / FINAL_MODEL, tmp_path / "codes.h5")) == 0
     assert_same_run(out, ref, tmp_path / "codes.h5")
 
@@ -346,7 +286,7 @@ def test_resume_after_a_torn_log_line_and_a_torn_checkpoint(
     with one_thread():
         train(feats, SMALL, SMALL_RECIPE, out, device="cpu", progress=False, resume=True)
     assert log_values(out / LOG) == log_values(full / LOG)
-    got, expected = state(out / FINAL_MODEL), state(full / FINAL_MODEL)
+    got, expected = weights(out / FINAL_MODEL), weights(full / FINAL_MODEL)
     assert all(torch.equal(got[name], expected[name]) for name in expected)
     assert list(out.glob(".*.tmp")) == []
 
@@ -440,10 +380,6 @@ def _mat_edit(path: Path, key: str, make: Callable[[np.ndarray], np.ndarray], ne
     scipy.io.savemat(path, {new_key or key: make(scipy.io.loadmat(path)[key])})
 
 
-def _truncate(path: Path, fraction: float) -> None:
-    path.write_bytes(path.read_bytes()[: int(path.stat().st_size * fraction)])
-
-
 def _damage_dataspace(path: Path) -> None:
     """Make the stored shape of 'feats' exceed its maximum: damaged HDF5 metadata, as a bad disk leaves it."""
     with h5py.File(path, "r") as fh:
@@ -465,7 +401,7 @@ def _activitynet_as_fcvid(folder: Path) -> None:
 # name -> (edit of a copy of the miniature, the file and key the message must name, commands that load it)
 BAD_DATA: dict[str, tuple[Callable[[Path], None], tuple[str, ...], tuple[str, ...]]] = {
     "truncated feature file": (
-        lambda d: _truncate(d / "train_feats.h5", 0.6),
+        lambda d: truncate(d / "train_feats.h5", 0.6),
         ("train_feats.h5",),
         ("verify", "train", "lsh"),
     ),
@@ -475,7 +411,7 @@ BAD_DATA: dict[str, tuple[Callable[[Path], None], tuple[str, ...], tuple[str, ..
         ("test_feats.h5", "feats"),
         ("verify", "encode"),
     ),
-    "truncated label file": (lambda d: _truncate(d / "re_label.mat", 0.5), ("re_label.mat",), ("verify", "encode")),
+    "truncated label file": (lambda d: truncate(d / "re_label.mat", 0.5), ("re_label.mat",), ("verify", "encode")),
     "wrong feature key": (
         lambda d: _h5_rename(d / "query_feats.h5", "feats", "features"),
         ("query_feats.h5", "feats"),
@@ -547,7 +483,7 @@ def test_bad_data_is_refused_naming_file_and_key(
     output = tmp_path / ("run" if command == "train" else "out.h5")
     argv = {
         "verify": ["verify", dataset, str(data), "--no-checksums"],
-        "train": train_argv(data, output, dataset=dataset),
+        "train": _train_argv(data, output, dataset=dataset),
         "encode": encode_argv(data, ref.run / FINAL_MODEL, output, dataset=dataset),
         "lsh": ["lsh", "--dataset", dataset, "--data-dir", str(data), "--bits", "16", "--out", str(output)],
     }[command]
@@ -610,7 +546,7 @@ def test_a_resumed_checkpoint_that_runs_code_is_refused(tmp_path: Path, ref: Ref
     torch.load(tmp_path / "run" / CHECKPOINT, weights_only=False)["model_state_dict"].close()
     assert marker.exists()  # the file is live: an unrestricted load runs its payload
     marker.unlink()
-    assert main(train_argv(ref.data, tmp_path / "run")) == 3
+    assert main(_train_argv(ref.data, tmp_path / "run")) == 3
     err = capsys.readouterr().err
     assert CHECKPOINT in err and "Traceback" not in err
     assert not marker.exists()
@@ -620,7 +556,7 @@ def test_a_truncated_training_checkpoint_is_refused(tmp_path: Path, ref: Referen
     (tmp_path / "run").mkdir()
     blob = (ref.run / CHECKPOINT).read_bytes()
     (tmp_path / "run" / CHECKPOINT).write_bytes(blob[: len(blob) // 2])
-    assert main(train_argv(ref.data, tmp_path / "run")) == 3
+    assert main(_train_argv(ref.data, tmp_path / "run")) == 3
     err = capsys.readouterr().err
     assert str(tmp_path / "run" / CHECKPOINT) in err and "Traceback" not in err
 
@@ -628,7 +564,7 @@ def test_a_truncated_training_checkpoint_is_refused(tmp_path: Path, ref: Referen
 def test_a_checkpoint_of_another_dataset_is_refused_naming_it(tmp_path: Path, ref: Reference, capsys) -> None:
     make_miniature("fcvid", tmp_path / "fcvid", seed=0, spec=TINY)
     with one_thread():
-        assert main(train_argv(tmp_path / "fcvid", tmp_path / "fcvid-run", dataset="fcvid", epochs=1)) == 0
+        assert main(_train_argv(tmp_path / "fcvid", tmp_path / "fcvid-run", dataset="fcvid", epochs=1)) == 0
         code = main(encode_argv(ref.data, tmp_path / "fcvid-run" / FINAL_MODEL, tmp_path / "codes.h5"))
     err = capsys.readouterr().err
     assert code == 3 and "Traceback" not in err

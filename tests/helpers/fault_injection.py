@@ -62,10 +62,11 @@ import scipy.io
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT / "tests") not in sys.path:  # run as a script: the tests folder holds the helpers package
     sys.path.insert(0, str(ROOT / "tests"))
+from helpers import conmh_runs  # noqa: E402
+from helpers.conmh_runs import BATCH, DATASET, log_values, truncate, unpacked, weights  # noqa: E402
 from helpers.range_mirror import RangeMirror  # noqa: E402
 
-DATASET = "activitynet"
-BITS, EPOCHS, BATCH = 16, 4, 16
+BITS, EPOCHS = 16, 4
 # 64 training videos in batches of 16: four steps per epoch, under a second an epoch on one thread.
 SPEC_SIZES = dict(n_train=64, n_database=40, n_queries=12, feature_dim=32, n_classes=4)
 CONMH = [sys.executable, "-m", "conmh.cli"]
@@ -242,25 +243,8 @@ def check_after_kill(kill: Kill, before: list[Path], folders: list[Path]) -> Non
 # --------------------------------------------------------------------------- reference and comparison
 
 
-def codes_arrays(path: Path) -> dict[str, np.ndarray]:
-    from conmh.codes import read_codes, unpack_bits
-
-    codes = read_codes(path)
-    out = {"database": unpack_bits(codes.database, codes.bits), "database_labels": codes.database_labels}
-    if codes.queries is not None:
-        out["queries"] = unpack_bits(codes.queries, codes.bits)
-        out["query_labels"] = codes.query_labels
-    return out
-
-
 def same_codes(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
     return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
-
-
-def weights(path: Path) -> dict:
-    import torch
-
-    return torch.load(path, map_location="cpu", weights_only=True)["model_state_dict"]
 
 
 def same_weights(a: dict, b: dict) -> bool:
@@ -269,54 +253,12 @@ def same_weights(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def losses(log: Path) -> list[tuple]:
-    """The deterministic part of the training log (not the timings)."""
-    rows = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines()]
-    return [(r["epoch"], r["loss"], r["recon"], r["contrast"], r["lr"]) for r in rows]
-
-
 def train_argv(data: Path, out: Path, epochs: int = EPOCHS) -> list[str]:
-    return CONMH + [
-        "train",
-        "--dataset",
-        DATASET,
-        "--data-dir",
-        str(data),
-        "--bits",
-        str(BITS),
-        "--out-dir",
-        str(out),
-        "--preset",
-        "mini",
-        "--epochs",
-        str(epochs),
-        "--batch-size",
-        str(BATCH),
-        "--device",
-        "cpu",
-        "--threads",
-        "1",
-        "--no-progress",
-    ]
+    return CONMH + conmh_runs.train_argv(data, out, epochs=epochs, bits=BITS)
 
 
 def encode_argv(data: Path, model: Path, codes: Path, dataset: str = DATASET) -> list[str]:
-    return CONMH + [
-        "encode",
-        "--checkpoint",
-        str(model),
-        "--dataset",
-        dataset,
-        "--data-dir",
-        str(data),
-        "--out",
-        str(codes),
-        "--device",
-        "cpu",
-        "--threads",
-        "1",
-        "--no-progress",
-    ]
+    return CONMH + conmh_runs.encode_argv(data, model, codes, dataset)
 
 
 @dataclass
@@ -356,9 +298,9 @@ def make_reference(ws: Path) -> Reference:
     return Reference(
         data,
         out,
-        codes_arrays(out / "codes.h5"),
+        unpacked(out / "codes.h5"),
         weights(out / "model.pt"),
-        losses(out / "train_log.jsonl"),
+        log_values(out / "train_log.jsonl"),
         train_s,
         max(0.0, (stamps[0] if stamps else train_s) - epoch_s),
         epoch_s,
@@ -496,9 +438,9 @@ def conmh_run(i: int, ws: Path, ref: Reference, rng: np.random.Generator) -> dic
         result["error"] = f"encoding rerun failed (exit {rc}): {err}"
         return result
     result.update(
-        identical_codes=same_codes(codes_arrays(codes), ref.codes),
+        identical_codes=same_codes(unpacked(codes), ref.codes),
         identical_weights=same_weights(weights(out / "model.pt"), ref.weights),
-        identical_losses=losses(out / "train_log.jsonl") == ref.losses,
+        identical_losses=log_values(out / "train_log.jsonl") == ref.losses,
         unreadable=[p for p in map(readable, final_files(out)) if p],
         stray_temps=stray_temps(out),
     )
@@ -590,7 +532,7 @@ class PipelineReference:
 
 
 def pipeline_outputs(cwd: Path) -> tuple[dict, dict, str]:
-    codes = {m: codes_arrays(cwd / f"work/codes/{DATASET}/{m}-{BITS}bits.h5") for m in ("conmh", "lsh")}
+    codes = {m: unpacked(cwd / f"work/codes/{DATASET}/{m}-{BITS}bits.h5") for m in ("conmh", "lsh")}
     maps = {
         m: json.loads((cwd / f"results/metrics/{DATASET}/{m}-{BITS}bits.json").read_text())["map"]
         for m in ("conmh", "lsh")
@@ -768,7 +710,7 @@ def corruption_section(ws: Path, ref: Reference, flips: int, rng: np.random.Gene
     from conmh.errors import ConMHError
 
     written = ref.run_dir / "codes.h5"
-    expected = codes_arrays(written)
+    expected = unpacked(written)
     meta = read_codes(written)
     out = {}
     formats = (("as written by conmh (HDF5 1.10 format, fixed-length string attributes)", written),)
@@ -790,7 +732,7 @@ def corruption_section(ws: Path, ref: Reference, flips: int, rng: np.random.Gene
                 counts["other exception"] += 1
                 examples.append(f"byte {off}: {type(exc).__name__}: {exc}"[:200])
                 continue
-            same = same_codes(codes_arrays(target), expected) and (got.bits, got.dataset, got.method, got.attrs) == (
+            same = same_codes(unpacked(target), expected) and (got.bits, got.dataset, got.method, got.attrs) == (
                 meta.bits,
                 meta.dataset,
                 meta.method,
@@ -894,10 +836,6 @@ def _labels(path: Path, key: str) -> np.ndarray:
     return scipy.io.loadmat(path)[key]
 
 
-def _truncate(path: Path, fraction: float) -> None:
-    path.write_bytes(path.read_bytes()[: int(path.stat().st_size * fraction)])
-
-
 def _feats(path: Path) -> np.ndarray:
     with h5py.File(path, "r") as fh:
         return fh["feats"][()]
@@ -979,7 +917,7 @@ def bad_input_cases() -> list[Case]:
     cases = [
         data_case(
             "truncated HDF5 feature file (60 %)",
-            lambda d: _truncate(d / "train_feats.h5", 0.6),
+            lambda d: truncate(d / "train_feats.h5", 0.6),
             verify_train,
             ("train_feats.h5",),
         ),
@@ -1002,7 +940,7 @@ def bad_input_cases() -> list[Case]:
             ("test_feats.h5", "feats"),
         ),
         data_case(
-            "truncated .mat label file", lambda d: _truncate(d / "re_label.mat", 0.5), verify_encode, ("re_label.mat",)
+            "truncated .mat label file", lambda d: truncate(d / "re_label.mat", 0.5), verify_encode, ("re_label.mat",)
         ),
         data_case(
             "damaged .mat label file (one bit of a type field)",
@@ -1299,7 +1237,7 @@ def _reference_codes(s: Scratch) -> Path:
 
 def _truncated_codes(s: Scratch) -> list[Attempt]:
     path = _reference_codes(s)
-    _truncate(path, 0.7)
+    truncate(path, 0.7)
     return [
         Attempt(
             "conmh evaluate", CONMH + ["evaluate", str(path), "--out", str(s.root / "m.json")], output=s.root / "m.json"
