@@ -210,7 +210,7 @@ def pipeline_config(out: Path, datasets: list[str], kind: str, epochs: int, thre
         recipe = dict(cfg[d]["recipe"], epochs=epochs)  # changes to the paper's recipe
         if kind == "tiny":
             recipe["batch_size"] = TINY["batch_size"]
-        cfg[d] = dict(cfg[d], source="real", data_dir=str(out / "data" / d), mirrors={}, sha256={}, recipe=recipe)
+        cfg[d] = dict(cfg[d], source="real", data_dir=str(out / "data" / d), sha256={}, recipe=recipe)
     return check_config(cfg, "the rehearsal's configuration")
 
 

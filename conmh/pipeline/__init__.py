@@ -6,7 +6,7 @@ function of the same name in ``steps.py``. The rest, one job each:
 * ``config.py`` -- config.yaml loaded and checked once (``config.schema.yaml``),
   and what one run uses (data folder, recipe changes, device, GPUs);
 * ``paths.py`` -- every path the pipeline writes;
-* ``download.py`` -- miniature generation, resumable mirror downloads, sha256;
+* ``download.py`` -- miniature generation; real files present and their sha256;
 * ``gpus.py`` -- which GPUs a job takes; ``launch.py`` -- torchrun and srun;
 * ``training_run.py`` -- a training folder that resumes, and knows when it is stale;
 * ``report.py`` -- the report step: ``tables.py`` (the paper's table beside ours,

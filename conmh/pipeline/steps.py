@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..atomic import atomic_path, write_text_atomic, write_text_if_changed
 from ..recipes import cli_flag
-from . import download as fetching
+from . import download as data_files
 from .config import (
     data_dir,
     device,
@@ -44,14 +44,14 @@ def _set_threads(threads: int | None) -> None:
 
 
 def download(cfg: dict, dataset: str) -> int:
-    """Generate the miniature, or gather and check the real release's files; write the manifest."""
+    """Generate the miniature, or check that the real release's files are there; write the manifest."""
     folder, manifest = Path(data_dir(cfg, dataset)), Path(Layout.of(cfg).manifest(dataset))
     if is_real(cfg, dataset):
         sums = {name: digest.lower() for name, digest in cfg[dataset]["sha256"].items()}
-        result = fetching.real(dataset, folder, manifest, cfg[dataset]["mirrors"], sums)
+        result = data_files.real(dataset, folder, manifest, sums)
     else:
         sizes = cfg["miniature"]["sizes"].get(dataset, {})
-        result = fetching.miniature(dataset, folder, manifest, cfg["miniature"]["seed"], sizes)
+        result = data_files.miniature(dataset, folder, manifest, cfg["miniature"]["seed"], sizes)
     write_text_if_changed(manifest, json.dumps(result, indent=1, sort_keys=True) + "\n")
     print(f"{dataset}: {len(result['files'])} files ready in {folder}", file=sys.stderr)
     return 0
@@ -65,7 +65,7 @@ def miniature(cfg: dict, dataset: str) -> int:
     """
     folder = Path(Layout.of(cfg).miniature_dir(dataset))
     sizes = cfg["miniature"]["sizes"].get(dataset, {})
-    result = fetching.miniature(
+    result = data_files.miniature(
         dataset, folder, Path(Layout.of(cfg).manifest(dataset)), cfg["miniature"]["seed"], sizes
     )
     print(f"{dataset}: {len(result['files'])} miniature files in {folder}", file=sys.stderr)

@@ -17,12 +17,9 @@ On a tiny generated ActivityNet miniature (preset ``mini``, CPU, one thread):
    rerun with what a user types (``snakemake --unlock`` when the lock is left);
    the Snakefile's jobs run ``conmh pipeline STEP``, so the ``conmh`` command on
    PATH must have that subcommand (else the section is reported unusable);
-4. **downloads** (``--download-runs``): the download step (``conmh pipeline
-   download`` with a configuration naming the mirror and the sha256) killed
-   while fetching from a (throttled, local) HTTP mirror, then rerun;
-5. **bit rot** (``--flips``): one random byte of a codes file flipped, many times: refused,
+4. **bit rot** (``--flips``): one random byte of a codes file flipped, many times: refused,
    harmless, or silently different (also for the same content in HDF5's 1.10 format);
-6. **bad inputs**: data files, checkpoints, codes files, command-line values and
+5. **bad inputs**: data files, checkpoints, codes files, command-line values and
    pipeline configurations that must be refused, each through the command(s)
    that should refuse it: exit code, whether the message names the file and the
    key, whether it says what was expected, whether a traceback was printed, and
@@ -32,7 +29,7 @@ It prints a summary and writes every outcome as JSON. Not part of the test suite
 (several minutes; ``tests/e2e/test_reliability.py`` and ``tests/e2e/test_faults.py`` are the
 CI-sized subset)::
 
-    python tests/helpers/fault_injection.py [--runs 12] [--pipeline-runs 3] [--download-runs 4] [--flips 400]
+    python tests/helpers/fault_injection.py [--runs 12] [--pipeline-runs 3] [--flips 400]
         [--seed 0] [--out benchmarks/out/fault_injection.json] [--workdir DIR] [--skip SECTION ...]
 """
 
@@ -40,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import http.server
 import json
 import os
 import shutil
@@ -49,7 +45,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -64,7 +59,6 @@ if str(ROOT / "tests") not in sys.path:  # run as a script: the tests folder hol
     sys.path.insert(0, str(ROOT / "tests"))
 from helpers import conmh_runs  # noqa: E402
 from helpers.conmh_runs import BATCH, DATASET, log_values, truncate, unpacked, weights  # noqa: E402
-from helpers.range_mirror import RangeMirror  # noqa: E402
 
 BITS, EPOCHS = 16, 4
 # 64 training videos in batches of 16: four steps per epoch, under a second an epoch on one thread.
@@ -73,7 +67,7 @@ CONMH = [sys.executable, "-m", "conmh.cli"]
 # ``conmh pipeline ARGS`` (conmh.pipeline.cli), with this Python.
 PIPELINE = [sys.executable, "-m", "conmh", "pipeline"]
 TIMEOUT = 300  # seconds any one command may take
-SECTIONS = ("conmh", "pipeline", "download", "corruption", "bad-inputs")
+SECTIONS = ("conmh", "pipeline", "corruption", "bad-inputs")
 
 
 # --------------------------------------------------------------------------- processes
@@ -87,7 +81,7 @@ def run(argv: list[str], cwd: Path | None = None, timeout: float = TIMEOUT) -> s
 class Kill:
     """One SIGKILL: where it landed and what it left behind."""
 
-    target: str  # "conmh train", "conmh encode", "snakemake", "download"
+    target: str  # "conmh train", "conmh encode", "snakemake"
     trigger: str  # the kind of moment asked for
     killed: bool  # False: the command finished before the trigger fired (not counted as a fault)
     seconds: float
@@ -605,103 +599,7 @@ def pipeline_run(i: int, ws: Path, ref: PipelineReference, rng: np.random.Genera
     return result
 
 
-# --------------------------------------------------------------------------- 4. downloads
-
-
-class ThrottledRange(RangeMirror):
-    """A slow mirror, so that a download can be killed midway."""
-
-    pause = 0.02
-    ranges: list[str | None] = []
-
-
-def download_section(ws: Path, runs: int, rng: np.random.Generator) -> dict:
-    """Kill the download step mid-transfer ``runs`` times; rerun; and fetch a tampered file once."""
-    import yaml
-
-    mirror = ws / "mirror"
-    mirror.mkdir()
-    payload = np.random.default_rng(1).bytes(4 << 20)  # about 1.3 s through the throttled mirror
-    (mirror / "train_feats.h5").write_bytes(payload)
-    (mirror / "tampered" / "train_feats.h5").parent.mkdir()
-    (mirror / "tampered" / "train_feats.h5").write_bytes(payload[:-1] + b"\0")
-    want = hashlib.sha256(payload).hexdigest()
-    handler = lambda *a, **k: ThrottledRange(*a, directory=str(mirror), **k)  # noqa: E731
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    others = ("test_feats.h5", "re_label.mat", "query_feats.h5", "q_label.mat")
-
-    def argv(data: Path, path: str) -> list[str]:
-        """``conmh pipeline download`` of a configuration whose real ActivityNet is ``data``, with one mirror."""
-        cfg = yaml.safe_load((ROOT / "config.yaml").read_text(encoding="utf-8"))
-        cfg["datasets"] = [DATASET]
-        cfg[DATASET].update(
-            source="real",
-            data_dir=str(data),
-            mirrors={"train_feats.h5": f"{url}/{path}"},
-            sha256={"train_feats.h5": want},
-        )
-        cfg["paths"] = {k: str(data.parent / "pipeline" / k) for k in ("data", "work", "results", "logs")}
-        config = data.parent / "config.yaml"
-        config.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
-        return PIPELINE + ["download", "--dataset", DATASET, "--config", str(config)]
-
-    results = []
-    try:
-        for i in range(runs):
-            data = ws / f"download-{i:02d}" / "data"
-            data.mkdir(parents=True)
-            for name in others:
-                (data / name).write_bytes(name.encode())
-            dest, part = data / "train_feats.h5", data / "train_feats.h5.part"
-            at = int(float(rng.uniform(0.02, 0.7)) * len(payload))  # kill once this much has arrived (1 MiB steps)
-
-            def arrived(_: float) -> str | None:
-                try:
-                    size = part.stat().st_size
-                except FileNotFoundError:
-                    return None
-                return f"transfer ({size} of {len(payload)} bytes in)" if size >= at else None
-
-            killed, seconds, phase = run_and_kill(argv(data, "train_feats.h5"), arrived)
-            kill = Kill("download", "random point of the transfer", killed, round(seconds, 2), phase)
-            part_bytes = part.stat().st_size if part.exists() else 0
-            if dest.exists() and sha256(dest) != want:
-                kill.problems.append(f"half-written: {dest} exists with the wrong content after the kill")
-            kill.notes.append(f"left: {part_bytes} bytes in {part.name}; {dest.name} present: {dest.exists()}")
-            ThrottledRange.ranges = []
-            proc = run(argv(data, "train_feats.h5"))
-            results.append(
-                {
-                    "run": i,
-                    "kills": [kill],
-                    "rerun_exit": proc.returncode,
-                    "resumed_with_range": any(r for r in ThrottledRange.ranges) if part_bytes else None,
-                    "identical": dest.exists() and sha256(dest) == want,
-                    "stray_parts": [p.name for p in data.glob("*.part")],
-                }
-            )
-        data = ws / "download-tampered" / "data"
-        data.mkdir(parents=True)
-        for name in others:
-            (data / name).write_bytes(name.encode())
-        proc = run(argv(data, "tampered/train_feats.h5"))
-        quarantined = list((data / "quarantine").glob("train_feats.h5*")) if (data / "quarantine").exists() else []
-        tampered = {
-            "exit": proc.returncode,
-            "message": proc.stderr.strip()[-600:],
-            "both_sums_named": want in proc.stderr and hashlib.sha256(payload[:-1] + b"\0").hexdigest() in proc.stderr,
-            "kept_out_of_the_dataset_folder": not (data / "train_feats.h5").exists() and len(quarantined) == 1,
-            "traceback": "Traceback" in proc.stderr,
-        }
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-    return {"runs": results, "sha256_mismatch": tampered}
-
-
-# --------------------------------------------------------------------------- 4b. bit rot in a codes file
+# --------------------------------------------------------------------------- 4. bit rot in a codes file
 
 
 def corruption_section(ws: Path, ref: Reference, flips: int, rng: np.random.Generator) -> dict:
@@ -1359,7 +1257,6 @@ def bad_inputs_section(ws: Path, ref: Reference, pipeline: bool) -> list[dict]:
 
 def summarise(report: dict) -> dict:
     kills = [k for section in ("conmh_runs", "pipeline_runs") for r in report.get(section, []) for k in r["kills"]]
-    kills += [k for r in report.get("downloads", {}).get("runs", []) for k in r["kills"]]
     injected = [k for k in kills if k["killed"]]
     runs = report.get("conmh_runs", []) + report.get("pipeline_runs", [])
     identical = [
@@ -1372,7 +1269,6 @@ def summarise(report: dict) -> dict:
         and r.get("identical_metrics", True)
         and r.get("identical_table", True)
     ]
-    downloads = report.get("downloads", {}).get("runs", [])
     bad = report.get("bad_inputs", [])
     refuse = [c for c in bad if c["expect"] == "refuse"]
     problems = [p for k in injected for p in k["problems"]]
@@ -1381,8 +1277,8 @@ def summarise(report: dict) -> dict:
         "faults_injected": len(injected),
         "faults_by_target": {t: sum(k["target"] == t for k in injected) for t in sorted({k["target"] for k in kills})},
         "triggers_missed": len(kills) - len(injected),
-        "runs": len(runs) + len(downloads),
-        "runs_identical": len(identical) + sum(bool(d["identical"]) for d in downloads),
+        "runs": len(runs),
+        "runs_identical": len(identical),
         "runs_failed": [r.get("error", "") for r in runs if "error" in r],
         "bad_inputs_tried": len(bad),
         "bad_inputs_to_refuse": len(refuse),
@@ -1455,7 +1351,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=12, help="conmh train+encode runs with kills (default 12)")
     parser.add_argument("--pipeline-runs", type=int, default=3, help="snakemake runs with a kill (default 3)")
-    parser.add_argument("--download-runs", type=int, default=4, help="downloads killed midway (default 4)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill moments (default 0)")
     parser.add_argument("--flips", type=int, default=400, help="random byte flips of a codes file (default 400)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "fault_injection.json")
@@ -1506,9 +1401,6 @@ def main(argv: list[str] | None = None) -> int:
                     f"({k.trigger}: {k.phase or 'finished first'}; typed {result['typed']})",
                     flush=True,
                 )
-        if "download" not in args.skip and args.download_runs:
-            print("downloads ...", flush=True)
-            report["downloads"] = download_section(ws, args.download_runs, rng)
         if "corruption" not in args.skip and args.flips:
             print("bit rot in a codes file ...", flush=True)
             report["codes_corruption"] = corruption_section(ws, ref, args.flips, rng)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import http.server
 import json
 import os
 import sys
@@ -18,12 +17,11 @@ import pytest
 import yaml
 
 from conmh.datasets import DATASETS, get_layout
-from conmh.errors import ConfigError, DataError, LaunchError, MissingDataError
+from conmh.errors import ConfigError, DataError, LaunchError
 from conmh.pipeline import config as settings
 from conmh.pipeline import download, figures, gpus, launch, paper, steps, tables, training_run
 from conmh.pipeline.cli import main as pipeline
 from conmh.pipeline.paths import Layout
-from helpers.range_mirror import RangeMirror
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -115,7 +113,7 @@ def test_command_line_strings_are_converted_to_schema_types():
         (lambda c: c["fcvid"]["recipe"].update(epoch=800), "fcvid.recipe"),
         (lambda c: c["yfcc"].update(source="baidu"), "yfcc.source"),
         (lambda c: c["activitynet"].update(sha256={"train_feats.h5": "abc"}), "activitynet.sha256.train_feats.h5"),
-        (lambda c: c["activitynet"].update(mirrors={"train_feats.h5": "ftp://x"}), "activitynet.mirrors"),
+        (lambda c: c["activitynet"].update(mirrors={"train_feats.h5": "https://x"}), "activitynet"),
         (lambda c: c.update(bits=["x"]), "bits[0]"),
         (lambda c: c.update(bits=[16, 1000]), "bits[1]"),  # wider than the 256-dim feature it hashes
         (lambda c: c.update(distributed={"nproc_per_node": 0, "nnodes": 1}), "distributed.nproc_per_node"),
@@ -492,24 +490,6 @@ def test_the_training_code_is_the_packages_own_modules():
 # --------------------------------------------------------------------------- download
 
 
-class RangeHandler(RangeMirror):
-    ranges: list[str | None] = []
-
-
-@pytest.fixture
-def server(tmp_path):
-    root = tmp_path / "mirror"
-    root.mkdir()
-    RangeHandler.ranges = []
-    handler = lambda *a, **k: RangeHandler(*a, directory=str(root), **k)  # noqa: E731
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield root, f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
-
-
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -517,92 +497,43 @@ def _sha(data: bytes) -> str:
 ACTIVITYNET_FILES = ["train_feats.h5", "test_feats.h5", "re_label.mat", "query_feats.h5", "q_label.mat"]
 
 
-def test_download_fetches_from_a_mirror_and_checks_sha256(tmp_path, server):
-    root, url = server
-    payload = os.urandom(3 * download.CHUNK + 123)
-    (root / "train_feats.h5").write_bytes(payload)
-    data = tmp_path / "data"
-    data.mkdir()
-    for name in ACTIVITYNET_FILES[1:]:
-        (data / name).write_bytes(name.encode())
-    manifest = tmp_path / "download.json"
-    result = download.real(
-        "activitynet",
-        data,
-        manifest,
-        {"train_feats.h5": f"{url}/train_feats.h5"},
-        {"train_feats.h5": _sha(payload)},
-        progress=False,
-    )
-    assert (data / "train_feats.h5").read_bytes() == payload
-    assert not (data / "train_feats.h5.part").exists()
-    entry = {f["file"]: f for f in result["files"]}["train_feats.h5"]
-    assert entry["sha256"] == _sha(payload) and entry["bytes"] == len(payload)
-    assert [f["file"] for f in result["files"]] == ACTIVITYNET_FILES
-
-
-def test_download_resumes_a_partial_file_with_a_range_request(tmp_path, server):
-    root, url = server
-    payload = os.urandom(2 * download.CHUNK + 77)
-    (root / "f.bin").write_bytes(payload)
-    dest = tmp_path / "f.bin"
-    (tmp_path / "f.bin.part").write_bytes(payload[:1000])
-    download.fetch(f"{url}/f.bin", dest, progress=False)
-    assert RangeHandler.ranges == ["bytes=1000-"]
-    assert dest.read_bytes() == payload
-
-
-def test_download_resumes_from_a_file_url(tmp_path):
-    src = tmp_path / "src.bin"
-    payload = os.urandom(download.CHUNK + 5)
-    src.write_bytes(payload)
-    dest = tmp_path / "out" / "dst.bin"
-    dest.parent.mkdir()
-    (dest.parent / "dst.bin.part").write_bytes(payload[:10])
-    download.fetch(src.as_uri(), dest, progress=False)
-    assert dest.read_bytes() == payload
-
-
-def test_a_file_with_the_wrong_sha256_is_quarantined(tmp_path, server):
-    root, url = server
-    (root / "train_feats.h5").write_bytes(b"tampered")
-    data = tmp_path / "data"
-    data.mkdir()
-    for name in ACTIVITYNET_FILES[1:]:
-        (data / name).write_bytes(b"x")
-    with pytest.raises(MissingDataError) as err:
-        download.real(
-            "activitynet",
-            data,
-            tmp_path / "m.json",
-            {"train_feats.h5": f"{url}/train_feats.h5"},
-            {"train_feats.h5": _sha(b"genuine")},
-            progress=False,
-        )
-    assert err.value.exit_code == 4
-    assert "differs from the configured" in str(err.value)
-    assert not (data / "train_feats.h5").exists()
-    quarantined = list((data / "quarantine").iterdir())
-    assert len(quarantined) == 1 and quarantined[0].read_bytes() == b"tampered"
-
-
-def test_a_local_file_with_the_wrong_sha256_is_quarantined_then_refetched(tmp_path, server):
-    root, url = server
-    (root / "q_label.mat").write_bytes(b"good")
-    data = tmp_path / "data"
-    data.mkdir()
+def _release(folder: Path) -> Path:
+    folder.mkdir()
     for name in ACTIVITYNET_FILES:
-        (data / name).write_bytes(b"bad" if name == "q_label.mat" else b"x")
-    download.real(
-        "activitynet",
-        data,
-        tmp_path / "m.json",
-        {"q_label.mat": f"{url}/q_label.mat"},
-        {"q_label.mat": _sha(b"good")},
-        progress=False,
-    )
-    assert (data / "q_label.mat").read_bytes() == b"good"
-    assert [p.read_bytes() for p in (data / "quarantine").iterdir()] == [b"bad"]
+        (folder / name).write_bytes(name.encode())
+    return folder
+
+
+def test_real_files_are_recorded_with_their_configured_sha256(tmp_path):
+    data, manifest = _release(tmp_path / "data"), tmp_path / "download.json"
+    result = download.real("activitynet", data, manifest, {"re_label.mat": _sha(b"re_label.mat")})
+    assert [f["file"] for f in result["files"]] == ACTIVITYNET_FILES
+    entry = {f["file"]: f for f in result["files"]}["re_label.mat"]
+    assert entry["sha256"] == _sha(b"re_label.mat") and entry["bytes"] == len(b"re_label.mat")
+
+
+def test_a_file_with_the_wrong_sha256_is_refused_naming_it_and_both_sums(tmp_path):
+    data = _release(tmp_path / "data")
+    with pytest.raises(DataError) as err:
+        download.real("activitynet", data, tmp_path / "m.json", {"q_label.mat": _sha(b"genuine")})
+    assert err.value.exit_code == 3
+    message = str(err.value)
+    assert str(data / "q_label.mat") in message and _sha(b"genuine") in message and _sha(b"q_label.mat") in message
+    assert (data / "q_label.mat").read_bytes() == b"q_label.mat"  # the user's file is left where it is
+
+
+def test_a_known_sum_is_reused_for_an_unchanged_file_and_computed_again_for_a_changed_one(tmp_path, monkeypatch):
+    data, manifest = _release(tmp_path / "data"), tmp_path / "download.json"
+    sums = {"train_feats.h5": _sha(b"train_feats.h5")}
+    manifest.write_text(json.dumps(download.real("activitynet", data, manifest, sums)))
+    hashed = []
+    monkeypatch.setattr(download, "sha256_of", lambda path: hashed.append(path.name) or _sha(path.read_bytes()))
+    download.real("activitynet", data, manifest, sums)
+    assert hashed == []
+    (data / "train_feats.h5").write_bytes(b"other")
+    with pytest.raises(DataError, match="differs from the configured"):
+        download.real("activitynet", data, manifest, sums)
+    assert hashed == ["train_feats.h5"]
 
 
 def test_missing_files_give_instructions_not_a_traceback(tmp_path, capsys):
@@ -625,9 +556,9 @@ def test_missing_files_give_instructions_not_a_traceback(tmp_path, capsys):
     assert not (tmp_path / "results" / "data" / "fcvid" / "download.json").exists()
 
 
-def test_unknown_mirror_file_names_are_refused(tmp_path):
+def test_sums_of_files_outside_the_release_are_refused(tmp_path):
     with pytest.raises(DataError, match="not part of the release"):
-        download.real("yfcc", tmp_path, tmp_path / "m.json", {"yfcc_train.h5": "file:///x"}, {}, progress=False)
+        download.real("yfcc", tmp_path, tmp_path / "m.json", {"yfcc_train.h5": "0" * 64})
 
 
 def test_miniature_is_generated_once_then_kept(tmp_path):
