@@ -79,9 +79,11 @@ def run_kernel(kernel: Callable, n_queries: int, chunk: int, workers: int | None
     threads = previous if workers is None else min(int(workers), numba.config.NUMBA_NUM_THREADS)
     block = max(1, min(int(chunk), -(-n_queries // (4 * threads))))
     numba.set_num_threads(threads)
+    chunksize = numba.set_parallel_chunksize(1)  # blocks handed out one at a time: a slow thread does fewer
     try:
         kernel(block, *args)
     finally:
+        numba.set_parallel_chunksize(chunksize)
         numba.set_num_threads(previous)
 
 

@@ -23,7 +23,7 @@ _M1 = np.uint64(0x5555555555555555)
 _M2 = np.uint64(0x3333333333333333)
 _M4 = np.uint64(0x0F0F0F0F0F0F0F0F)
 _H01 = np.uint64(0x0101010101010101)
-_SKIP = 64  # items tested at once before looking at any one of them (a vectorised "any <= t")
+_SKIP = 64  # items compared at once into a bit mask (vectorised), whose set bits are then visited
 
 
 @njit(inline="always")
@@ -97,26 +97,28 @@ def nearest(row, k, kth, below, out, first, counts, scratch):
     n = row.size
     scratch[0] = kth
     tt = scratch[0]
+    lim = tt  # items <= lim are looked at: <= kth, then < kth once enough items at kth are found
     need_eq = k - below
     n_lt, n_eq = 0, 0
     end = n - n % _SKIP
     start = 0
-    while start < end:
-        hit = 0
-        for j in range(_SKIP):  # a constant trip count: LLVM vectorises this test
-            hit += row[start + j] <= tt
-        if hit:
-            for i in range(start, start + _SKIP):
-                d = row[i]
-                if d < tt:
-                    out[n_lt] = i
-                    n_lt += 1
-                elif d == tt and n_eq < need_eq:
-                    first[n_eq] = i
-                    n_eq += 1
-            if n_lt == below and n_eq == need_eq:
-                start = n  # all found: skip the rest and the tail
-                break
+    while start < end and (n_lt < below or n_eq < need_eq):
+        mask = np.uint64(0)
+        for j in range(_SKIP):  # a constant trip count: LLVM vectorises this into a bit mask
+            mask |= np.uint64(row[start + j] <= lim) << np.uint64(j)
+        while mask:
+            low = mask & (~mask + np.uint64(1))
+            i = start + _popcount(low - np.uint64(1))  # the lowest set bit's position
+            mask ^= low
+            if row[i] < tt:
+                out[n_lt] = i
+                n_lt += 1
+            elif n_eq < need_eq:
+                first[n_eq] = i
+                n_eq += 1
+                if n_eq == need_eq and tt > 0:
+                    scratch[0] = kth - 1
+                    lim = scratch[0]
         start += _SKIP
     for i in range(max(start, end), n):
         d = row[i]
