@@ -290,8 +290,11 @@ def per_class_map(ap: np.ndarray, query_labels: np.ndarray) -> tuple[np.ndarray,
     on = np.asarray(query_labels) != 0
     if on.shape[0] != ap.shape[0]:
         raise ValueError(f"{ap.shape[0]} AP rows for {on.shape[0]} label rows")
-    counts = on.sum(axis=0)
-    sums = on.T.astype(np.float64) @ ap
+    rows, classes = np.nonzero(on)  # row-major: each class's queries in ascending order, summed in that order
+    counts = np.bincount(classes, minlength=on.shape[1])
+    sums = np.zeros((on.shape[1], ap.shape[1]))
+    for j in range(ap.shape[1]):
+        sums[:, j] = np.bincount(classes, weights=ap[rows, j], minlength=on.shape[1])
     with np.errstate(invalid="ignore", divide="ignore"):
         means = sums / counts[:, None]
     means[counts == 0] = np.nan
