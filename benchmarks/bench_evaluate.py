@@ -48,6 +48,19 @@ SHAPES = {  # name: (database, queries (0: the database), classes)
 }
 
 
+def cpu_features() -> str:
+    """CPU family/model and the widest SIMD the kernels can use, from /proc/cpuinfo."""
+    try:
+        info = Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return ""
+    fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in info[:30])}
+    flags = set(fields.get("flags", "").split())
+    simd = "AVX-512" + (" with VPOPCNTDQ" if "avx512_vpopcntdq" in flags else "") if "avx512f" in flags else ""
+    simd = simd or ("AVX2" if "avx2" in flags else "no AVX2")
+    return f"family {fields.get('cpu family', '?')} model {fields.get('model', '?')}, {simd}"
+
+
 def make_labelled(n: int, bits: int, classes: int, rng: np.random.Generator, prototypes: np.ndarray):
     """Class-clustered packed codes and multi-label labels (1-3 classes per video, 1% without a label)."""
     labels = np.zeros((n, classes), np.uint8)
@@ -151,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import numba
 
-    machine = cpu_name()
+    machine = f"{cpu_name()} ({cpu_features()})"
     print(f"{machine}; numba {numba.__version__}, numpy {np.__version__}, Python {platform.python_version()}")
     print(f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after (1 min)")
     print()
