@@ -1,7 +1,8 @@
 """`conmh evaluate` and `conmh search` near the hardware's limit (issue 19; not part of the tests).
 
     python benchmarks/bench_evaluate.py [--bits 16,32,64] [--repeat 3] [--search-sizes 101256,1000000]
-        [--queries 1000] [--k 100] [--skip-search] [--skip-first-run] [--out bench_evaluate.json]
+        [--queries 1000] [--k 100] [--skip-search] [--skip-first-run] [--baseline CHECKOUT]
+        [--out bench_evaluate.json]
 
 Prints the CPU model and two Markdown tables:
 
@@ -15,6 +16,9 @@ Prints the CPU model and two Markdown tables:
   numba cache (``NUMBA_CACHE_DIR`` a fresh folder): the first run on a
   machine, which compiles the kernels. Codes are class-clustered (noisy
   copies of per-class prototypes: many near neighbours and ties).
+  ``--baseline CHECKOUT`` adds the same runs of another checkout's package
+  (e.g. ``git worktree add /tmp/main main``), in the same process order,
+  for a before/after ratio under the same conditions.
 * `conmh.hamming.hamming_search` (what `conmh search` runs) against faiss
   ``IndexBinaryFlat`` over uniformly random 64-bit codes, top ``--k`` of
   ``--queries`` queries, 1 thread and 2 (ours: ``workers``; faiss:
@@ -86,12 +90,16 @@ def write_shape(folder: Path, name: str, bits: int, seed: int) -> Path:
     return path
 
 
-def run_evaluate(codes: Path, env: dict) -> tuple[float, float]:
-    """(wall seconds, peak RSS MiB) of one `conmh evaluate` process."""
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_evaluate(codes: Path, env: dict, checkout: Path = REPO) -> tuple[float, float]:
+    """(wall seconds, peak RSS MiB) of one `conmh evaluate` process running the package of ``checkout``."""
     argv = [sys.executable, "-m", "conmh.cli", "evaluate", str(codes), "--out", str(codes.with_suffix(".json"))]
     argv += ["--per-query", str(codes.with_suffix(".csv"))]
+    env = {**env, "PYTHONPATH": str(checkout)}
     tic = time.perf_counter()
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(argv, env=env, cwd=codes.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - tic
     if status != 0:
@@ -111,19 +119,13 @@ def bench_evaluate(args: argparse.Namespace, folder: Path) -> list[dict]:
                 rows.append(dict(shape=name, bits=bits, cache="empty (compiles)", best=wall, median=wall, rss=rss))
                 print(rows[-1], file=sys.stderr)
             run_evaluate(codes, dict(os.environ))  # fills the cache, if this is its first use
-            runs = [run_evaluate(codes, dict(os.environ)) for _ in range(args.repeat)]
-            walls = [w for w, _ in runs]
-            rows.append(
-                dict(
-                    shape=name,
-                    bits=bits,
-                    cache="warm",
-                    best=min(walls),
-                    median=float(np.median(walls)),
-                    rss=max(r for _, r in runs),
-                )
-            )
-            print(rows[-1], file=sys.stderr)
+            for checkout in [REPO] + ([args.baseline] if args.baseline else []):
+                runs = [run_evaluate(codes, dict(os.environ), checkout) for _ in range(args.repeat)]
+                walls = [w for w, _ in runs]
+                cache = "warm" if checkout == REPO else f"baseline {checkout}"
+                row = dict(shape=name, bits=bits, cache=cache, best=min(walls), median=float(np.median(walls)))
+                rows.append(row | dict(rss=max(r for _, r in runs)))
+                print(rows[-1], file=sys.stderr)
     return rows
 
 
@@ -153,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-search", action="store_true", help="only the evaluate table")
     p.add_argument("--skip-first-run", action="store_true", help="no run with an empty numba cache")
+    p.add_argument(
+        "--baseline", type=Path, help="also time `conmh evaluate` of this checkout (e.g. a worktree of main)"
+    )
     p.add_argument("--out", type=Path, help="also write the results as JSON")
     args = p.parse_args(argv)
 
@@ -170,14 +175,19 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("`conmh evaluate CODES --out M.json --per-query Q.csv` (every default measure), one process per run:")
     print()
-    print("| shape | queries x database | bits | numba cache | wall s (best) | wall s (median) | peak RSS MiB |")
+    base = {(r["shape"], r["bits"]): r["best"] for r in evaluate_rows if r["cache"].startswith("baseline")}
+    print(
+        "| shape | queries x database | bits | package, numba cache | wall s (best) | wall s (median) | peak RSS MiB |"
+    )
     print("|---|---|---:|---|---:|---:|---:|")
     for r in evaluate_rows:
         n_db, n_q, classes = SHAPES[r["shape"]]
         pairs = f"{n_q or n_db:,} x {n_db:,}, {classes} classes"
+        what = r["cache"] if r["cache"].startswith("baseline") else f"this checkout, {r['cache']}"
+        ratio = base.get((r["shape"], r["bits"])) if r["cache"] == "warm" else None
+        what += f" ({ratio / r['best']:.1f}x faster than the baseline)" if ratio else ""
         print(
-            f"| {r['shape']} | {pairs} | {r['bits']} | {r['cache']} | {r['best']:.2f} | {r['median']:.2f} | "
-            f"{r['rss']:.0f} |"
+            f"| {r['shape']} | {pairs} | {r['bits']} | {what} | {r['best']:.2f} | {r['median']:.2f} | {r['rss']:.0f} |"
         )
     if search_rows:
         print()
