@@ -134,8 +134,10 @@ def make_codes(n: int, queries: int, width: int, seed: int) -> tuple[np.ndarray,
 
 
 def searcher(impl: str, db: np.ndarray, q: np.ndarray, bits: int, k: int, threads: int) -> Callable[[], tuple]:
-    """A call of one implementation returning (indices, distances); faiss's index is built here, outside it."""
+    """A call of one implementation returning (indices, distances); faiss's index is built here, outside it,
+    and our compiled kernel loaded (numba's on-disk cache, or compiled on a machine's first run)."""
     if impl == "conmh":
+        hamming_search(db[:10], q[:1], bits, 1, workers=threads)
         return lambda: hamming_search(db, q, bits, k, workers=threads)
     import faiss
 

@@ -190,6 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
         "freed memory stays in the process between steps, which saves page faults (faster on CPU) "
         "but keeps RSS at its peak (streamed runs always keep the defaults)",
     )
+    p.add_argument(
+        "--eval-every",
+        type=_positive_int,
+        metavar="N",
+        help="after every N-th epoch, encode the held-out split and write its mAP@K into the training log "
+        "(as the official code evaluates; costs about one `conmh encode` + `conmh evaluate` each time, "
+        "the weights are unchanged)",
+    )
     _add_runtime_args(p)
 
     p = sub.add_parser(
@@ -342,7 +350,7 @@ def _train(args: argparse.Namespace) -> None:
     from .features import open_split
     from .model import ModelConfig
     from .recipes import get_recipe
-    from .train import train
+    from .train import held_out_evaluator, train
 
     recipe = get_recipe(args.dataset).replace(**{f.name: getattr(args, f.name) for f in OVERRIDABLE})
     with open_split(args.dataset, args.data_dir, "train") as feats:
@@ -361,6 +369,8 @@ def _train(args: argparse.Namespace) -> None:
             activation_checkpointing=args.activation_checkpointing,
             keep_freed_memory=not args.default_allocator,
             meta={"dataset": args.dataset, "preset": args.preset},
+            eval_every=args.eval_every or 0,
+            evaluate=held_out_evaluator(args.dataset, args.data_dir, args.device) if args.eval_every else None,
         )
     last = result.log[-1] if result.log else {}
     if os.environ.get("RANK", "0") == "0":

@@ -5,16 +5,16 @@ distances by ascending database index (``TIE_RULE``): ``conmh.metrics``
 scores the top K of this ranking and ``conmh search`` returns it, so the two
 cannot disagree.
 
-How it stays fast and small: codes stay packed and are compared as 8-, 16-,
-32- or 64-bit words (XOR, then ``np.bitwise_count``); each query's distances
-are one row of N small integers. The K-th smallest distance of the row is
-found by counting (how many items lie within t, for a few t), the items at or
-below it are gathered in index order, and only those few are sorted (stably,
-by distance). No N x N matrix and no full sort of a row is ever formed.
-Queries are split into chunks processed by a thread pool: numpy releases the
-GIL in all of these calls. Written by hand because no library ranks with this
-tie rule: faiss's ``IndexBinaryFlat`` finds the same distances but orders
-equal ones its own way (``conmh export`` writes one; docs/search.md).
+How it stays fast and small: codes stay packed and are compared as 64-bit
+words (XOR, popcount); each query's distances are one row of N small
+integers, computed once. The k-th smallest distance of the row is
+found by counting (how many items lie within t, for a few t), and the items
+at or below it are placed by a counting sort, in index order within a
+distance. No N x N matrix and no sort of a row is ever formed. The kernels
+are compiled with numba (``conmh.kernels``) and run blocks of queries in
+parallel. Written by hand because no library ranks with this tie rule:
+faiss's ``IndexBinaryFlat`` finds the same distances but orders equal ones
+its own way (``conmh export`` writes one; docs/search.md).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -42,72 +41,50 @@ def available_cpus() -> int:
 
 
 def as_words(packed: np.ndarray) -> np.ndarray:
-    """Packed codes (N, W bytes) as (n_words, N) unsigned words for XOR + popcount.
+    """Packed codes (N, W bytes) as (ceil(W / 8), N) uint64 words for XOR + popcount.
 
-    The word is the widest of uint8/16/32 that holds a whole code, or uint64
-    (codes zero-padded to a multiple of 8 bytes); padding is zero on both
-    sides of the XOR, so it adds nothing to the distance. Word-major layout
-    makes each word's column one contiguous array.
+    Codes are zero-padded to a multiple of 8 bytes; padding is zero on both
+    sides of the XOR, so it adds nothing to the distance. One word type keeps
+    the compiled kernels to one version. Word-major layout makes each word's
+    column one contiguous array.
     """
     n, width = packed.shape
-    if width <= 4:
-        nbytes = 1 << math.ceil(math.log2(width)) if width > 1 else 1
-    else:
-        nbytes = 8 * math.ceil(width / 8)
-    dtype = np.dtype(f"u{min(nbytes, 8)}")
-    padded = np.zeros((n, nbytes), np.uint8)
+    padded = np.zeros((n, 8 * math.ceil(width / 8)), np.uint8)
     padded[:, :width] = packed
-    return np.ascontiguousarray(padded.view(dtype).T)
-
-
-def hamming_row(query: np.ndarray, db_words: np.ndarray, out: np.ndarray, xor: np.ndarray, count: np.ndarray) -> None:
-    """Hamming distances from one query (n_words,) to every database code, into ``out``."""
-    np.bitwise_count(np.bitwise_xor(db_words[0], query[0], out=xor), out=out)
-    for j in range(1, len(query)):
-        np.bitwise_count(np.bitwise_xor(db_words[j], query[j], out=xor), out=count)
-        out += count
+    return np.ascontiguousarray(padded.view(np.uint64).T)
 
 
 def kth_distance(dist: np.ndarray, k: int, max_distance: int, guess: int) -> int:
-    """The k-th smallest value of ``dist``: the least t with count(dist <= t) >= k.
+    """The k-th smallest value of ``dist`` (values 0..max_distance), found by counting (``conmh.kernels``)."""
+    from . import kernels
 
-    Found by counting (``dist <= t`` is a cheap vectorised comparison, far
-    cheaper than a histogram or a partition of the row), probing outwards
-    from ``guess`` with doubling steps: neighbouring queries have similar
-    thresholds, so two probes usually settle it.
+    return int(kernels.kth_distance(dist, k, max_distance, guess))
+
+
+def row_dtype(nbits: int) -> np.dtype:
+    """The dtype of a row of distances: uint8 up to 255 bits, else uint16."""
+    return np.dtype(np.uint8 if nbits <= np.iinfo(np.uint8).max else np.uint16)
+
+
+def run_kernel(kernel: Callable, n_queries: int, chunk: int, workers: int | None, *args) -> None:
+    """Run a parallel kernel of ``conmh.kernels`` on ``workers`` numba threads (default: numba's number).
+
+    The kernel's first argument is the block size (queries per parallel
+    task): at most ``chunk``, smaller when there are too few queries to give
+    every thread several blocks. Results do not depend on either.
     """
-    lo, hi = -1, max_distance  # invariant: count(<= lo) < k <= count(<= hi)
-    probe, step = guess, 1
-    while hi - lo > 1:
-        t = min(max(probe, lo + 1), hi - 1)
-        if np.count_nonzero(dist <= dist.dtype.type(t)) >= k:
-            hi, probe = t, t - step
-        else:
-            lo, probe = t, t + step
-        step *= 2
-    return hi
+    import numba
 
-
-def nearest(dist: np.ndarray, k: int, threshold: int) -> np.ndarray:
-    """Indices of the ``k`` nearest items ranked by (distance, index), given the k-th smallest distance.
-
-    Everything at or below ``threshold`` is a candidate, gathered in ascending
-    index; a stable sort of the few candidates by distance applies the tie rule.
-    """
-    candidates = np.flatnonzero(dist <= dist.dtype.type(threshold))
-    return candidates[np.argsort(dist[candidates], kind="stable")[:k]]
-
-
-def in_chunks(run: Callable[[int, int], None], n: int, chunk: int, workers: int | None) -> None:
-    """Call ``run(start, stop)`` on consecutive chunks of ``chunk`` queries of ``n``, on ``workers`` threads."""
-    bounds = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
-    workers = min(workers or available_cpus(), len(bounds))
-    if workers <= 1:
-        for start, stop in bounds:
-            run(start, stop)
-    else:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(lambda b: run(*b), bounds))  # list() re-raises a worker's exception
+    previous = numba.get_num_threads()
+    threads = previous if workers is None else min(int(workers), numba.config.NUMBA_NUM_THREADS)
+    block = max(1, min(int(chunk), -(-n_queries // (4 * threads))))
+    numba.set_num_threads(threads)
+    chunksize = numba.set_parallel_chunksize(1)  # blocks handed out one at a time: a slow thread does fewer
+    try:
+        kernel(block, *args)
+    finally:
+        numba.set_parallel_chunksize(chunksize)
+        numba.set_num_threads(previous)
 
 
 def check_codes(name: str, codes: np.ndarray, nbits: int, allow_empty: bool) -> None:
@@ -145,8 +122,9 @@ def hamming_search(
     lists query i's neighbours by ascending Hamming distance, equal distances
     by ascending database index (``TIE_RULE``), the ranking whose top K
     ``conmh.metrics`` scores. k' = min(k, N): a k beyond the database returns all of it.
-    ``chunk`` queries form one task of a pool of ``workers`` threads (default:
-    all usable CPUs); the result does not depend on either. Zero queries give
+    At most ``chunk`` queries form one parallel task, run on ``workers``
+    threads (default: numba's thread count, all usable CPUs unless
+    ``NUMBA_NUM_THREADS`` says otherwise); the result does not depend on either. Zero queries give
     (0, k') arrays.
     """
     check_count("nbits", nbits)
@@ -162,20 +140,10 @@ def hamming_search(
     distances = np.empty((nq, k), np.int32)
     if nq == 0:
         return indices, distances
-    dist_dtype = np.uint8 if nbits <= np.iinfo(np.uint8).max else np.uint16
-    db_words, q_words = as_words(database), as_words(queries)
+    from . import kernels
 
-    def run(start: int, stop: int) -> None:
-        dist = np.empty(n, dist_dtype)
-        xor = np.empty(n, db_words.dtype)
-        count = np.empty(n, np.uint8)
-        threshold = nbits // 2
-        for i in range(start, stop):
-            hamming_row(q_words[:, i], db_words, dist, xor, count)
-            threshold = kth_distance(dist, k, nbits, threshold)
-            top = nearest(dist, k, threshold)
-            indices[i] = top
-            distances[i] = dist[top]
-
-    in_chunks(run, nq, chunk, workers)
+    words = as_words(queries), as_words(database)
+    run_kernel(
+        kernels.search_kernel, nq, chunk, workers, *words, np.empty(0, row_dtype(nbits)), nbits, indices, distances
+    )
     return indices, distances

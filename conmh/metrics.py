@@ -23,10 +23,8 @@ Choices the definition leaves open, fixed here:
   self-match (distance 0) counts like any other relevant item.
 
 The ranking itself (packed words, XOR + popcount, the K-th distance found by
-counting, no N x N matrix, a thread pool over chunks of queries) is
-``conmh.hamming``, shared with ``conmh search``. At N = 45,600 x 45,600 with
-64-bit codes mAP@K takes about 3 CPU-seconds and a few tens of MB
-(``benchmarks/bench_evaluate.py``).
+counting, no N x N matrix) is ``conmh.hamming``'s, shared with ``conmh
+search``. Costs: benchmarks/README.md.
 
 Other measures (``evaluate`` reports them beside mAP@K; docs/measures.md has
 the definitions, conventions and costs). All are means over the same
@@ -41,16 +39,17 @@ queries, with the same relevance and the same FCVID self-match rule:
 * per-class mAP@K (:func:`per_class_map`): the mean AP@K of the queries
   labelled with each class;
 * mAP over the full ranking (:func:`full_ranking_average_precision`, off by
-  default: it sorts every query's whole row): the usual AP,
+  default): the usual AP,
   (1/R) * sum_{r=1..N} rel(r) * P(r) with R the query's relevant items in
   the database (AP 0 when R = 0), ties by ``TIE_RULE``. It divides by R,
   not K, so it is not AP@K at K = N.
 
-These scan each query's whole distance row once, with no N x N matrix: a
-bincount of the distances of all items and of the relevant ones (found
-through a per-class index of the database), then cumulative sums. Unlike
-mAP@K, the full ranking sorts the whole row (a stable argsort, which numpy
-runs as a linear-time radix sort for uint8/uint16 distances).
+One pass computes them all (``conmh.kernels``): each query's distance row
+is computed once and gives the top K, a histogram of the distances of all
+items and of the relevant ones (found through a per-class index of the
+database) and, for the full ranking, each relevant item's rank (items at
+smaller distances plus those of its distance before it in index order). No
+N x N matrix, no sort of a row.
 """
 
 from __future__ import annotations
@@ -63,7 +62,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .codes import Codes, packed_width, padding_mask
-from .hamming import DEFAULT_CHUNK, TIE_RULE, as_words, check_count, hamming_row, hamming_search, in_chunks
+from .hamming import DEFAULT_CHUNK, TIE_RULE, as_words, check_count, row_dtype, run_kernel
 
 __all__ = [
     "KS",
@@ -84,14 +83,6 @@ __all__ = [
 
 KS = (5, 10, 20, 40, 60, 80, 100)
 PRECISION_RADIUS = 2  # the radius of "precision within Hamming radius 2"
-
-
-def _ap_from_relevance(rel: np.ndarray, ks: Sequence[int]) -> np.ndarray:
-    """AP@K (n, len(ks)) from the relevance (n, kmax) of each query's top kmax items."""
-    kmax = rel.shape[1]
-    precision = np.cumsum(rel, axis=1) / np.arange(1, kmax + 1)
-    gain = np.cumsum(np.where(rel, precision, 0.0), axis=1)
-    return np.stack([gain[:, min(k, kmax) - 1] / k for k in ks], axis=1)
 
 
 def _check_inputs(
@@ -140,25 +131,7 @@ def average_precision_at_k(
     Arguments as for :func:`map_at_k`. The result does not depend on
     ``chunk`` or ``workers``: every query is computed on its own.
     """
-    ks = tuple(ks)
-    _check_inputs(db, db_labels, queries, query_labels, nbits, ks)
-    if chunk < 1:
-        raise ValueError(f"chunk must be a positive integer, got {chunk}")
-    if queries is None:
-        queries, query_labels = db, db_labels
-    kmax = min(max(ks), db.shape[0])
-    top, _ = hamming_search(db, queries, nbits, kmax, chunk=chunk, workers=workers)  # the ranking search returns
-    # Labels packed to bits: "shares a label" is a non-zero AND of two short byte rows.
-    db_classes = np.packbits(np.asarray(db_labels) != 0, axis=1)
-    q_classes = np.packbits(np.asarray(query_labels) != 0, axis=1)
-    ap = np.empty((queries.shape[0], len(ks)), np.float64)
-
-    def run(start: int, stop: int) -> None:
-        rel = np.any(db_classes[top[start:stop]] & q_classes[start:stop, None, :], axis=2)
-        ap[start:stop] = _ap_from_relevance(rel, ks)
-
-    in_chunks(run, queries.shape[0], chunk, workers)
-    return ap
+    return _one_pass(db, db_labels, queries, query_labels, nbits, tuple(ks), False, chunk, workers).ap
 
 
 def map_at_k(
@@ -178,87 +151,87 @@ def map_at_k(
     labels (N, C) 0/1 matrices. ``queries=None`` (with ``query_labels=None``)
     is the FCVID protocol: the queries are the database and self-matches
     count. A query without any label has AP 0 and counts in the mean. Ties
-    are ranked by ascending database index (``TIE_RULE``). ``chunk`` queries
-    form one task of a pool of ``workers`` threads (default: all usable CPUs).
+    are ranked by ascending database index (``TIE_RULE``). At most ``chunk``
+    queries form one parallel task, on ``workers`` threads (default: numba's
+    thread count, all usable CPUs unless ``NUMBA_NUM_THREADS`` says otherwise).
     """
     ks = tuple(ks)
     ap = average_precision_at_k(db, db_labels, queries, query_labels, nbits, ks, chunk=chunk, workers=workers)
     return {int(k): float(ap[:, j].mean()) for j, k in enumerate(ks)}
 
 
-class _Scan(NamedTuple):
+class _Pass(NamedTuple):
+    ap: np.ndarray  # (n_queries, len(ks)) AP@K
     precision: np.ndarray  # (n_queries, nbits + 1)
     recall: np.ndarray  # (n_queries, nbits + 1)
     n_relevant: np.ndarray  # (n_queries,) relevant database items of each query
     full_ap: np.ndarray | None  # (n_queries,) AP over the full ranking, when asked
 
 
-def _relevant(classes: np.ndarray, members: list[np.ndarray], mark: np.ndarray) -> np.ndarray:
-    """Ascending indices of the database items sharing one of ``classes``; ``mark`` is an all-False scratch row."""
-    if len(classes) == 0:
-        return np.empty(0, np.intp)
-    if len(classes) == 1:
-        return members[classes[0]]
-    for c in classes:
-        mark[members[c]] = True
-    idx = np.flatnonzero(mark)
-    mark[idx] = False
-    return idx
+def _csr(on: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row pointers and column indices (ascending in each row) of the non-zero entries of a boolean matrix."""
+    rows, cols = np.nonzero(on)
+    ptr = np.zeros(on.shape[0] + 1, np.int64)
+    np.cumsum(np.bincount(rows, minlength=on.shape[0]), out=ptr[1:])
+    return ptr, cols.astype(np.int64)
 
 
-def _scan_rows(
+def _one_pass(
     db: np.ndarray,
     db_labels: np.ndarray,
     queries: np.ndarray | None,
     query_labels: np.ndarray | None,
     nbits: int,
-    *,
+    ks: Sequence[int] | None,
     full_ranking: bool,
     chunk: int,
     workers: int | None,
-) -> _Scan:
-    """One pass over every query's whole distance row: precision/recall by radius, R, and optionally full AP."""
-    _check_inputs(db, db_labels, queries, query_labels, nbits, None)
+) -> _Pass:
+    """Every measure of every query from one computation of its distance row (``conmh.kernels``).
+
+    ``ks=None``: no K asked (AP@1 is computed, at no cost worth saving).
+    """
+    from . import kernels
+
+    _check_inputs(db, db_labels, queries, query_labels, nbits, ks)
+    ks = (1,) if ks is None else ks
     if chunk < 1:
         raise ValueError(f"chunk must be a positive integer, got {chunk}")
     if queries is None:
         queries, query_labels = db, db_labels
-    n, n_q, bins = db.shape[0], queries.shape[0], nbits + 1
-    dist_dtype = np.uint8 if nbits <= np.iinfo(np.uint8).max else np.uint16
-    db_words, q_words = as_words(db), as_words(queries)
-    # Per-class index of the database: a query's relevant items are the union of its classes' members,
-    # a few hundred indices rather than a scan of every database label row.
-    members = [np.flatnonzero(row) for row in np.asarray(db_labels).T != 0]
-    q_on = np.asarray(query_labels) != 0
-    precision = np.zeros((n_q, bins), np.float64)
-    recall = np.zeros((n_q, bins), np.float64)
-    n_relevant = np.zeros(n_q, np.int64)
-    full_ap = np.zeros(n_q, np.float64) if full_ranking else None
-
-    def run(start: int, stop: int) -> None:
-        dist = np.empty(n, dist_dtype)
-        xor = np.empty(n, db_words.dtype)
-        count = np.empty(n, np.uint8)
-        mark = np.zeros(n, np.bool_)
-        for i in range(start, stop):
-            hamming_row(q_words[:, i], db_words, dist, xor, count)
-            idx = _relevant(np.flatnonzero(q_on[i]), members, mark)
-            retrieved = np.cumsum(np.bincount(dist, minlength=bins))
-            hits = np.cumsum(np.bincount(dist[idx], minlength=bins))
-            np.divide(hits, retrieved, out=precision[i], where=retrieved > 0)  # 0 where nothing is retrieved
-            n_relevant[i] = len(idx)
-            if len(idx) == 0:
-                continue  # recall and full AP stay 0
-            recall[i] = hits / len(idx)
-            if full_ap is not None:
-                order = np.argsort(dist, kind="stable")  # radix sort; ties by ascending index (TIE_RULE)
-                mark[idx] = True
-                ranks = np.flatnonzero(mark[order]) + 1  # 1-based ranks of the relevant items
-                mark[idx] = False
-                full_ap[i] = np.mean(np.arange(1, len(idx) + 1) / ranks)
-
-    in_chunks(run, n_q, chunk, workers)
-    return _Scan(precision, recall, n_relevant, full_ap)
+    n_q, bins = queries.shape[0], nbits + 1
+    # Relevance through a per-class index of the database: a query's relevant items are the union of its
+    # classes' members, a few hundred indices rather than a scan of every database label row.
+    m_ptr, members = _csr(np.ascontiguousarray(np.asarray(db_labels).T != 0))
+    q_ptr, q_classes = _csr(np.asarray(query_labels) != 0)
+    ap = np.empty((n_q, len(ks)), np.float64)
+    precision = np.empty((n_q, bins), np.float64)
+    recall = np.empty((n_q, bins), np.float64)
+    n_relevant = np.empty(n_q, np.int64)
+    full_ap = np.zeros(n_q if full_ranking else 0, np.float64)
+    run_kernel(
+        kernels.evaluate_kernel,
+        n_q,
+        chunk,
+        workers or None,
+        as_words(queries),
+        as_words(db),
+        np.empty(0, row_dtype(nbits)),
+        nbits,
+        np.asarray(ks, np.int64),
+        min(max(ks), db.shape[0]),
+        q_ptr,
+        q_classes,
+        m_ptr,
+        members,
+        full_ranking,
+        ap,
+        precision,
+        recall,
+        n_relevant,
+        full_ap,
+    )
+    return _Pass(ap, precision, recall, n_relevant, full_ap if full_ranking else None)
 
 
 def precision_recall_at_radius(
@@ -278,7 +251,7 @@ def precision_recall_at_radius(
     no relevant item. The PR curve is the mean over rows (``axis=0``).
     Arguments as for :func:`map_at_k`.
     """
-    scan = _scan_rows(db, db_labels, queries, query_labels, nbits, full_ranking=False, chunk=chunk, workers=workers)
+    scan = _one_pass(db, db_labels, queries, query_labels, nbits, None, False, chunk, workers)
     return scan.precision, scan.recall
 
 
@@ -303,12 +276,9 @@ def full_ranking_average_precision(
 ) -> np.ndarray:
     """AP over the whole ranking of every query: float64 (n_queries,), see the module docstring.
 
-    Costs a stable sort of every query's row: 12 s (one pass computing the
-    precision/recall curve too, 5 s without the sort) at 45,600 x 45,600
-    64-bit codes on two AMD EPYC cores (docs/measures.md). Arguments as for :func:`map_at_k`.
+    Arguments as for :func:`map_at_k`.
     """
-    scan = _scan_rows(db, db_labels, queries, query_labels, nbits, full_ranking=True, chunk=chunk, workers=workers)
-    return scan.full_ap
+    return _one_pass(db, db_labels, queries, query_labels, nbits, None, True, chunk, workers).full_ap
 
 
 def per_class_map(ap: np.ndarray, query_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -322,8 +292,11 @@ def per_class_map(ap: np.ndarray, query_labels: np.ndarray) -> tuple[np.ndarray,
     on = np.asarray(query_labels) != 0
     if on.shape[0] != ap.shape[0]:
         raise ValueError(f"{ap.shape[0]} AP rows for {on.shape[0]} label rows")
-    counts = on.sum(axis=0)
-    sums = on.T.astype(np.float64) @ ap
+    rows, classes = np.nonzero(on)  # row-major: each class's queries in ascending order, summed in that order
+    counts = np.bincount(classes, minlength=on.shape[1])
+    sums = np.zeros((on.shape[1], ap.shape[1]))
+    for j in range(ap.shape[1]):
+        sums[:, j] = np.bincount(classes, weights=ap[rows, j], minlength=on.shape[1])
     with np.errstate(invalid="ignore", divide="ignore"):
         means = sums / counts[:, None]
     means[counts == 0] = np.nan
@@ -341,10 +314,8 @@ def evaluate_detailed(codes: Codes, ks: Iterable[int] = KS, *, full_ranking: boo
     """The metrics JSON object of a codes file and its per-query table (``conmh evaluate --per-query``)."""
     ks = tuple(int(k) for k in ks)
     db, db_labels, queries, query_labels = codes.database, codes.database_labels, codes.queries, codes.query_labels
-    ap = average_precision_at_k(db, db_labels, queries, query_labels, codes.bits, ks)
-    scan = _scan_rows(
-        db, db_labels, queries, query_labels, codes.bits, full_ranking=full_ranking, chunk=DEFAULT_CHUNK, workers=None
-    )
+    scan = _one_pass(db, db_labels, queries, query_labels, codes.bits, ks, full_ranking, DEFAULT_CHUNK, None)
+    ap = scan.ap
     labels_of_queries = codes.database_labels if codes.queries_are_database else codes.query_labels
     metrics = {
         "dataset": codes.dataset,

@@ -2,10 +2,10 @@
 
 :func:`hamming_search` ranks a database for each query exactly as the
 evaluation does (``conmh.metrics``): ascending Hamming distance, equal
-distances by ascending database index (``TIE_RULE``), with the same helpers
-(packed words, XOR + popcount, the k-th distance found by counting, a stable
-sort of the few candidates) and the same chunked thread pool. So the top K of
-a search are the items whose relevance mAP@K counts.
+distances by ascending database index (``TIE_RULE``), with the same compiled
+kernels (``conmh.kernels``: packed words, XOR + popcount, the k-th distance
+found by counting, a counting sort of the few items at or below it). So the
+top K of a search are the items whose relevance mAP@K counts.
 
 faiss (``pip install 'conmh[search]'``) is optional: :func:`faiss_index`
 builds an ``IndexBinaryFlat`` of the database codes; its distances equal ours

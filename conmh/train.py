@@ -376,6 +376,30 @@ def _prepare_out_dir(out_dir: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
+def held_out_evaluator(dataset: str, data_dir: str | Path, device: str = "auto", batch_size: int = 1024):
+    """``evaluate(model)`` for ``train``: the held-out split (database and queries) encoded with the model as
+    ``conmh encode`` encodes it, then mAP@K (``conmh.metrics``) and the seconds both took.
+
+    Reads and encodes the whole held-out split each time: about the cost of
+    ``conmh encode`` plus ``conmh evaluate`` (benchmarks/README.md).
+    """
+    from .encode import _with_labels, encode_features
+    from .metrics import KS, map_at_k
+
+    dev = select_device(device)
+
+    def evaluate(model: ConMH) -> dict:
+        def encode(feats, split: str) -> np.ndarray:
+            return encode_features(model, feats, dev, batch_size, False, split)
+
+        tic = time.perf_counter()
+        codes = _with_labels(dataset, Path(data_dir), model.cfg.nbits, "conmh", encode, {})
+        maps = map_at_k(codes.database, codes.database_labels, codes.queries, codes.query_labels, codes.bits, KS)
+        return {"map": {str(k): v for k, v in maps.items()}, "seconds": round(time.perf_counter() - tic, 3)}
+
+    return evaluate
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -424,6 +448,8 @@ def train(
     precision: str = "auto",
     deterministic: bool = False,
     meta: dict | None = None,
+    eval_every: int = 0,
+    evaluate=None,
 ) -> TrainResult:
     """Train ConMH on ``feats`` ((N, T, D) array or a lazy ``FeatureFiles``).
 
@@ -446,6 +472,12 @@ def train(
 
     ``stop_after`` ends this call after that many epochs in total (the run can
     be resumed later), used to interrupt runs in tests.
+
+    ``eval_every`` N > 0 with ``evaluate`` (a function of the model returning
+    a JSON-able dict, e.g. :func:`held_out_evaluator`): after every N-th epoch
+    rank 0 evaluates the model and the epoch's log line gets the result under
+    ``eval``. The weights are untouched (no gradients, the random state
+    restored afterwards): a run trains the same weights with and without it.
     """
     out_dir = Path(out_dir)
     group = _process_group()
@@ -497,6 +529,9 @@ def train(
         net.train()
         for epoch in range(start, end):
             entry = train_one_epoch(net, optimizer, batches, recipe, epoch, ctx)
+            if lead and evaluate is not None and eval_every > 0 and (epoch + 1) % eval_every == 0:
+                with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+                    entry["eval"] = evaluate(model)
             log.append(entry)
             if lead:
                 _write_log(out_dir / LOG, log)
