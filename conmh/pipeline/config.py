@@ -172,6 +172,11 @@ def device(cfg: dict, dataset: str) -> str:
     return cfg["device"] if is_real(cfg, dataset) else cfg["miniature"]["device"]
 
 
+def eval_every(cfg: dict, dataset: str) -> int:
+    """Evaluate the held-out split every N epochs of training (0: never)."""
+    return cfg["eval_every"] if is_real(cfg, dataset) else cfg["miniature"]["eval_every"]
+
+
 def uses_gpu(cfg: dict, dataset: str) -> bool:
     """Whether a train/encode job of ``dataset`` holds GPUs (a Snakemake resource)."""
     return device(cfg, dataset) != "cpu" and is_real(cfg, dataset)

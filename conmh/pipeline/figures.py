@@ -9,6 +9,7 @@ import pandas as pd
 from ..atomic import atomic_path
 from .paper import DISPLAY, METHOD_DISPLAY, PAPER, PAPER_KS, label
 
+TRAINING_MAP_K = 20  # the K of the held-out mAP drawn beside the loss (conmh.metrics.KS, evaluated while training)
 PER_CLASS_K = 20  # the K of the per-class figure (the largest configured K when 20 is not)
 
 
@@ -143,7 +144,11 @@ def figure_paper(long: pd.DataFrame, sources: dict[str, str], path: Path) -> Non
     plt.close(grid.figure)
 
 
-def figure_loss(logs: pd.DataFrame, sources: dict[str, str], path: Path) -> None:
+def figure_loss(
+    logs: pd.DataFrame, sources: dict[str, str], path: Path, held_out: pd.DataFrame | None = None, k: int = 20
+) -> None:
+    """The loss and its terms per epoch, a row each, and below them the held-out mAP@k of the epochs evaluated
+    while training (``held_out``: ``tables.training_map``), when there are any."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
@@ -152,6 +157,10 @@ def figure_loss(logs: pd.DataFrame, sources: dict[str, str], path: Path) -> None
     parts = [c for c in ("loss", "recon", "contrast") if c in logs.columns]
     df = logs.melt(id_vars=["dataset", "bits", "epoch"], value_vars=parts, var_name="term", value_name="value")
     df["panel"] = [label(d, sources) for d in df["dataset"]]
+    if held_out is not None and not held_out.empty:
+        term = f"held-out mAP@{k}"
+        df = pd.concat([df, held_out.rename(columns={"dataset": "panel", "mAP": "value"}).assign(term=term)])
+        parts.append(term)
     df["bits"] = df["bits"].map(lambda b: f"{b} bits")
     order = [label(d, sources) for d in sources if d in set(logs["dataset"])]
     grid = sns.relplot(

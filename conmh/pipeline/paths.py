@@ -71,6 +71,7 @@ class Layout:
             "curves": f"{r}/plots/map_at_k.csv",
             "pr": f"{r}/plots/pr_curve.csv",
             "loss": f"{r}/plots/loss.csv",
+            "train_map": f"{r}/plots/train_map.csv",
             "configuration": f"{r}/provenance/configuration.csv",
             "data": f"{r}/provenance/data.csv",
             "software": f"{r}/provenance/software.csv",

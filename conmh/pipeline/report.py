@@ -63,6 +63,8 @@ def write_report(cfg: dict) -> None:
         write_text_atomic(lay.summary(method, dataset, bits), json.dumps(values, indent=1) + "\n")
     write_text_atomic(files["curves"], tables.curves(long, sources).to_csv(**csv))
     write_text_atomic(files["loss"], tables.loss_table(logs, sources).to_csv(**csv))
+    held_out = tables.training_map(logs, sources, figures.TRAINING_MAP_K)
+    write_text_atomic(files["train_map"], held_out.to_csv(**csv))
     pr = tables.pr_table(details, sources)
     write_text_atomic(files["pr"], pr.to_csv(**csv))
     made = {
@@ -99,5 +101,5 @@ def write_report(cfg: dict) -> None:
     if "fig_ours_vs_paper" in files:
         figures.figure_paper(long, sources, files["fig_ours_vs_paper"])
     if "fig_loss_curves" in files:
-        figures.figure_loss(logs, sources, files["fig_loss_curves"])
+        figures.figure_loss(logs, sources, files["fig_loss_curves"], held_out, figures.TRAINING_MAP_K)
     print(markdown)

@@ -22,6 +22,7 @@ from . import download as data_files
 from .config import (
     data_dir,
     device,
+    eval_every,
     is_real,
     model_for,
     preset,
@@ -101,6 +102,8 @@ def train_command(cfg: dict, dataset: str, bits: int) -> list[str]:
     ]
     for key, value in recipe_changes(cfg, dataset).items():
         argv += [cli_flag(key), str(value)]
+    if eval_every(cfg, dataset):
+        argv += ["--eval-every", str(eval_every(cfg, dataset))]
     if is_real(cfg, dataset):
         argv += ["--precision", cfg["precision"]]
         if cfg["activation_checkpointing"]:

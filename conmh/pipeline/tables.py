@@ -184,6 +184,20 @@ def loss_table(logs: pd.DataFrame, sources: dict[str, str]) -> pd.DataFrame:
     return df[columns].sort_values(["dataset", "bits", "epoch"], kind="stable")
 
 
+def training_map(logs: pd.DataFrame, sources: dict[str, str], k: int) -> pd.DataFrame:
+    """The held-out split's mAP@k after the epochs evaluated while training (``conmh train --eval-every``), long
+    form (for ``dvc plots`` and the loss figure): dataset, bits, epoch, mAP."""
+    columns = ["dataset", "bits", "epoch", "mAP"]
+    if logs.empty or "eval" not in logs.columns:
+        return pd.DataFrame(columns=columns)
+    rows = [
+        (label(d, sources), b, e, ev["map"][str(k)])
+        for d, b, e, ev in zip(logs["dataset"], logs["bits"], logs["epoch"], logs["eval"])
+        if isinstance(ev, dict) and str(k) in ev.get("map", {})
+    ]
+    return pd.DataFrame(rows, columns=columns).sort_values(["dataset", "bits", "epoch"], kind="stable")
+
+
 def formatted(table: pd.DataFrame) -> pd.DataFrame:
     """mAP columns as text: 3 decimals, differences signed, "-" where a value is missing."""
     diff = table["result"] == ROW_DIFF

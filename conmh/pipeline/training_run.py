@@ -34,7 +34,14 @@ TRAINING_CODE = (
     "train.py",
 )
 # Options that may change between an interrupted run and its continuation (value: how many arguments follow).
-VOLATILE = {"--threads": 1, "--device": 1, "--resume": 0, "--no-progress": 0, "--activation-checkpointing": 0}
+VOLATILE = {
+    "--threads": 1,
+    "--device": 1,
+    "--resume": 0,
+    "--no-progress": 0,
+    "--activation-checkpointing": 0,
+    "--eval-every": 1,  # evaluations leave the weights as they are
+}
 
 
 def training_code() -> list[Path]:

@@ -206,6 +206,14 @@ def test_miniature_training_uses_the_miniature_overrides(cfg):
     assert not settings.uses_gpu(cfg, "activitynet") and settings.train_gpus(cfg, "activitynet") == 0
 
 
+def test_training_evaluates_every_n_epochs_as_configured(cfg):
+    assert _opt(steps.train_command(cfg, "fcvid", 64), "--eval-every") == "1"  # miniatures: every epoch
+    cfg["fcvid"]["source"] = "real"
+    assert "--eval-every" not in steps.train_command(cfg, "fcvid", 64)  # real data: never by default
+    cfg["eval_every"] = 50
+    assert _opt(steps.train_command(cfg, "fcvid", 64), "--eval-every") == "50"
+
+
 def test_real_training_uses_the_paper_recipe_and_a_gpu(cfg):
     cfg["fcvid"]["source"] = "real"
     argv = steps.train_command(cfg, "fcvid", 64)
@@ -705,6 +713,8 @@ def test_report_writes_tables_figures_metrics_and_plots(tmp_path):
                 "world_size": 1,
                 "seconds": 2.0,
                 "videos_per_s": 50.0,
+                # evaluated after epochs 2 and 3 (eval_every), at 16 bits only
+                **({"eval": {"map": {"20": b / 100 + e / 10}, "seconds": 0.5}} if b == 16 and e > 1 else {}),
             }
             for e in (1, 2, 3)
         ]
@@ -747,6 +757,13 @@ def test_report_writes_tables_figures_metrics_and_plots(tmp_path):
     assert "ConMH (ours)" in (out / "table.html").read_text()
     loss = pd.read_csv(out / "plots" / "loss.csv")
     assert list(loss.columns) == ["dataset", "bits", "epoch", "loss", "recon", "contrast"] and len(loss) == 6
+    held_out = pd.read_csv(out / "plots" / "train_map.csv")
+    assert held_out.to_dict("list") == {
+        "dataset": ["ActivityNet (synthetic)"] * 2,
+        "bits": [16, 16],
+        "epoch": [2, 3],
+        "mAP": [pytest.approx(0.36), pytest.approx(0.46)],
+    }
     table = pd.read_csv(out / "table.csv")
     assert len(table) == 6 and set(table["data"]) == {"synthetic"}
     assert list(table["result"][:3]) == ["ConMH (ours)", "ITQ (ours)", "LSH (ours)"]

@@ -16,6 +16,7 @@ rule report:
         curves=REPORT["curves"],
         pr=REPORT["pr"],
         loss=REPORT["loss"],
+        train_map=REPORT["train_map"],
         figures=[
             report(REPORT[f"fig_{name}"], caption=f"../report/{name}.rst", category="2. Figures") for name in FIGURES
         ],
