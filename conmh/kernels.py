@@ -16,8 +16,14 @@ word and row dtype and cached on disk (``cache=True``).
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import njit, prange
+
+# numba's own thread pool rather than OpenMP: numba's OpenMP layer sets the process's OpenMP thread count,
+# which torch shares, so a ranking inside a training process (``conmh train --eval-every`` with ``--threads
+# 1``) would change training's thread count, and with it the order of float sums and the weights.
+numba.config.THREADING_LAYER = "workqueue"
 
 _M1 = np.uint64(0x5555555555555555)
 _M2 = np.uint64(0x3333333333333333)

@@ -107,3 +107,22 @@ def test_threads_and_blocks_change_nothing() -> None:
         assert np.array_equal(average_precision_at_k(*args, KS, chunk=chunk, workers=workers), base_ap)
         top = hamming_search(packed, packed, 64, 50, chunk=chunk, workers=workers)
         assert np.array_equal(top[0], base_top[0]) and np.array_equal(top[1], base_top[1])
+
+
+def test_ranking_leaves_torchs_thread_count_alone():
+    """numba's OpenMP threading layer would set the OpenMP thread count torch shares (1 -> all cores): a
+    training that evaluates while it trains would then sum in another order than one that does not."""
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np, torch; torch.set_num_threads(1)\n"
+        "assert torch.get_num_threads() == 1\n"
+        "from conmh.metrics import map_at_k\n"
+        "codes = np.random.default_rng(0).integers(0, 256, (300, 8), dtype=np.uint8)\n"
+        "labels = np.eye(3, dtype=bool)[np.arange(300) % 3]\n"
+        "map_at_k(codes, labels, codes[:40], labels[:40], 64, (5, 20))\n"
+        "print(torch.get_num_threads())\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert proc.stdout.strip() == "1"
