@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from helpers.repo import DVC_RUN, output, run
+from helpers.repo import DVC_RUN, commit_all, output, run
 from helpers.ssh_server import SSHServer, descendants
 
 DATASET, BITS = DVC_RUN
@@ -294,4 +294,40 @@ def test_without_verify_a_corrupted_object_is_taken_as_good(pushed, ssh_server, 
     assert proc.returncode == 0, output(proc)
     assert (clone / MODEL).read_bytes() != (pushed.repo / MODEL).read_bytes()
     assert len(damaged(clone / ".dvc" / "cache")) == 1
+    assert dvc_status(clone) == {}
+
+
+# --------------------------------------------------------------------------- released checkpoints
+
+
+def test_released_checkpoints_go_to_the_same_remote(pushed, ssh_server, tmp_path):
+    """docs/pipeline.md: the authors' checkpoints, `dvc add`ed in the repository and named under
+    `checkpoints`, are pushed to the team's remote and pulled by every clone. (Here the trained model
+    stands in for a released one: the same file, so the remote stores its content once.)"""
+    remote = tmp_path / "remote"  # a copy: the other tests see the remote as the trainer pushed it
+    shutil.copytree(pushed.remote, remote)
+    member = git_clone(pushed.repo, tmp_path / "member")
+    ssh_server.add_dvc_remote(member, "team", remote)
+    assert run(["dvc", "pull"], member).returncode == 0
+    released = member / "models" / "released" / f"{DATASET}_{BITS}.pth"
+    released.parent.mkdir(parents=True)
+    shutil.copyfile(member / MODEL, released)
+    proc = run(["dvc", "add", "models/released"], member)
+    assert proc.returncode == 0, output(proc)
+    config = yaml.safe_load((member / "config.yaml").read_text())
+    config["checkpoints"] = {DATASET: {BITS: str(released.relative_to(member))}}
+    (member / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    proc = run(["dvc", "repro"], member)
+    assert proc.returncode == 0, output(proc)[-5000:]
+    assert "Running stage 'train" in proc.stdout and "Running stage 'encode" not in proc.stdout  # same model
+    commit_all(member, "The authors' checkpoints")
+    proc = run(["dvc", "push"], member)
+    assert proc.returncode == 0 and "1 file pushed" in output(proc), output(proc)  # the folder's listing
+
+    clone = git_clone(member, tmp_path / "teammate")
+    ssh_server.add_dvc_remote(clone, "team", remote)
+    proc = run(["dvc", "pull"], clone)
+    assert proc.returncode == 0, output(proc)
+    assert tracked_files(clone) == tracked_files(member)
+    assert (clone / released.relative_to(member)).read_bytes() == released.read_bytes()
     assert dvc_status(clone) == {}
