@@ -77,14 +77,18 @@ class SSHServer:
         self.port = free_port()
         self.keyfile = home / "client_ed25519"
         self.proc: subprocess.Popen | None = None
+        self.retried = False
         home.mkdir(parents=True, exist_ok=True)
         for key in (home / "host_ed25519", self.keyfile):
             if not key.exists():
                 subprocess.run([keygen, "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
         shutil.copyfile(f"{self.keyfile}.pub", home / "authorized_keys")
         slow = Path(__file__).with_name("slow_sftp.py")
-        subsystem = sftp if rate is None else f"{sys.executable} {slow} {rate} {sftp}"
+        self.subsystem = sftp if rate is None else f"{sys.executable} {slow} {rate} {sftp}"
         self.config = home / "sshd_config"
+
+    def write_config(self) -> None:
+        home = self.home
         self.config.write_text(
             f"Port {self.port}\n"
             "ListenAddress 127.0.0.1\n"
@@ -98,17 +102,25 @@ class SSHServer:
             "PermitRootLogin prohibit-password\n"
             "UsePAM no\n"
             "StrictModes no\n"
-            f"Subsystem sftp {subsystem}\n"
+            f"Subsystem sftp {self.subsystem}\n"
         )
 
     def start(self, timeout: float = 20) -> SSHServer:
+        """Start the server (again, after ``stop``: on the same port); return when it answers."""
         if os.geteuid() == 0:
             Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation folder
-        log = (self.home / "sshd.log").open("ab")
-        self.proc = subprocess.Popen([self.sshd, "-D", "-e", "-f", str(self.config)], stdout=log, stderr=log)
+        self.write_config()
+        path = self.home / "sshd.log"
+        offset = path.stat().st_size if path.exists() else 0
+        with path.open("ab") as log:
+            self.proc = subprocess.Popen([self.sshd, "-D", "-e", "-f", str(self.config)], stdout=log, stderr=log)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                if b"Address already in use" in path.read_bytes()[offset:] and not self.retried:
+                    # The free port was taken between free_port() and sshd's bind: once more on another.
+                    self.proc, self.port, self.retried = None, free_port(), True
+                    return self.start(timeout)
                 raise ServerProblem(f"sshd exited with status {self.proc.returncode}: {self.log()[-2000:]}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
