@@ -58,6 +58,11 @@ def one_run_config(config: dict, dataset: str, bits: int) -> dict:
     }
 
 
+def released_checkpoint_config(config: dict, dataset: str, bits: int, path: str) -> dict:
+    """config.yaml's content with the released checkpoint ``path`` in place of training that run."""
+    return {**config, "checkpoints": {dataset: {bits: path}}}
+
+
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.org"]
 
 

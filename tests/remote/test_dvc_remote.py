@@ -21,10 +21,15 @@ from pathlib import Path
 
 import yaml
 
-from helpers.repo import DVC_RUN, commit_all, output, run
+from helpers.repo import DVC_RUN, commit_all, output, released_checkpoint_config, run
 from helpers.ssh_server import SSHServer, descendants
 
 DATASET, BITS = DVC_RUN
+# Where the pipeline puts the run's files (conmh/pipeline/paths.py).
+MODEL = f"work/train/{DATASET}/{BITS}bits/model.pt"
+CODES = f"work/codes/{DATASET}/conmh-{BITS}bits.h5"
+METRICS = f"results/metrics/{DATASET}/conmh-{BITS}bits.json"
+QUERIES = f"data/miniature/{DATASET}/query_feats.h5"
 # The slowed-down SFTP server of the fault tests: about 1 MB/s per SFTP channel (the default run's
 # objects, 23 MB, then take several seconds to move), so that a transfer can be cut in the middle.
 SLOW = 1_000_000
@@ -120,7 +125,7 @@ def test_a_teammates_clone_pulls_everything_and_retrains_nothing(pushed, ssh_ser
     # Checkpoint, codes, per-query AP, data and metrics: byte for byte those of the trainer.
     ours, theirs = tracked_files(clone), tracked_files(trainer)
     assert ours.keys() == theirs.keys()
-    assert f"work/train/{DATASET}/{BITS}bits/model.pt" in ours
+    assert MODEL in ours
     assert {name for name in ours if name.startswith("work/codes/")} == {
         f"work/codes/{DATASET}/{m}-{BITS}bits.h5" for m in ("conmh", "lsh", "itq")
     }
@@ -147,20 +152,19 @@ def test_a_teammates_clone_pulls_everything_and_retrains_nothing(pushed, ssh_ser
     assert dvc_status(clone) == {}
 
     # A CPU machine can search, evaluate and encode with what it pulled.
-    codes = clone / "work" / "codes" / DATASET / f"conmh-{BITS}bits.h5"
+    codes = clone / CODES
     proc = run(["conmh", "search", str(codes), "-k", "5", "--query-index", "0:3"], clone)
     assert proc.returncode == 0, output(proc)
     rows = proc.stdout.strip().splitlines()
     assert rows[0] == "query,rank,database_index,distance,labels" and len(rows) == 1 + 3 * 5
-    model = clone / "work" / "train" / DATASET / f"{BITS}bits" / "model.pt"
-    queries = clone / "data" / "miniature" / DATASET / "query_feats.h5"
-    encoded = ["--features", str(queries), "--checkpoint", str(model), "--preset", "mini", "--bits", str(BITS)]
+    encoded = ["--features", str(clone / QUERIES), "--checkpoint", str(clone / MODEL), "--preset", "mini"]
+    encoded += ["--bits", str(BITS)]
     proc = run(["conmh", "search", str(codes), "-k", "5", "--query-index", "0:3", *encoded, "--no-progress"], clone)
     assert proc.returncode == 0 and proc.stdout.strip().splitlines() == rows, output(proc)
     metrics = tmp_path / "metrics.json"
     proc = run(["conmh", "evaluate", str(codes), "--out", str(metrics)], clone)
     assert proc.returncode == 0, output(proc)
-    committed = json.loads((clone / "results" / "metrics" / DATASET / f"conmh-{BITS}bits.json").read_text())
+    committed = json.loads((clone / METRICS).read_text())
     assert json.loads(metrics.read_text())["map"] == committed["map"]
 
 
@@ -232,9 +236,6 @@ def test_a_pull_killed_half_way_completes_when_repeated(pushed, ssh_server, tmp_
         print(f"left behind: {len(leftovers)} partial downloads, {sum(p.stat().st_size for p in leftovers)} bytes")
     finally:
         server.stop()
-
-
-MODEL = f"work/train/{DATASET}/{BITS}bits/model.pt"
 
 
 def corrupted_copy(pushed, dest: Path) -> Path:
@@ -315,7 +316,7 @@ def test_released_checkpoints_go_to_the_same_remote(pushed, ssh_server, tmp_path
     proc = run(["dvc", "add", "models/released"], member)
     assert proc.returncode == 0, output(proc)
     config = yaml.safe_load((member / "config.yaml").read_text())
-    config["checkpoints"] = {DATASET: {BITS: str(released.relative_to(member))}}
+    config = released_checkpoint_config(config, DATASET, BITS, str(released.relative_to(member)))
     (member / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     proc = run(["dvc", "repro"], member)
     assert proc.returncode == 0, output(proc)[-5000:]
