@@ -7,6 +7,9 @@ Each folder is one kind, and its tests carry that kind's marker:
 * ``e2e/``: whole commands and pipelines as users run them (Snakemake, DVC,
   torchrun, kills and restarts); several minutes;
 * ``cluster/``: the pipeline on a SLURM cluster; skipped without one;
+* ``remote/``: DVC push and pull through a real SSH server started by the tests (Debian's
+  openssh-server, the dvc-ssh plugin); skipped without them, fails without them under
+  CONMH_REQUIRE_REMOTE;
 * ``gpu/``: the GPU path on a CUDA GPU (``python -m pytest -m gpu``); skipped without one.
 """
 
@@ -16,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-KINDS = ("unit", "e2e", "cluster", "gpu")
+KINDS = ("unit", "e2e", "cluster", "remote", "gpu")
 TESTS = Path(__file__).parent
 
 

@@ -15,11 +15,10 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 
 from conmh.datasets import DATASETS
 from conmh.pipeline.paper import PAPER_KS
-from helpers.repo import copy_repo, output, run, snakemake
+from helpers.repo import DVC_RUN, copy_repo, one_run_repo, output, run, snakemake
 
 BITS = (16, 32, 64)
 
@@ -312,24 +311,12 @@ def chromium() -> str:
     return path
 
 
-# The DVC run: one dataset at one code length, every stage (ActivityNet: separate queries, the protocol
-# with the most files); the Snakemake fixture runs all nine, the other datasets and lengths take the
-# same stages. All nine again under DVC cost CI about 8 minutes.
-DVC_DATASET, DVC_BITS = "activitynet", 64
+# The DVC run: one dataset at one code length, every stage (helpers.repo.DVC_RUN).
+DVC_DATASET, DVC_BITS = DVC_RUN
 
 
 def test_dvc_repro_in_a_fresh_clone_gives_the_same_results(snakemake_run, tmp_path):
-    clone = copy_repo(tmp_path / "clone")
-    config = yaml.safe_load((clone / "config.yaml").read_text())
-    config.update(
-        datasets=[DVC_DATASET],
-        bits=[DVC_BITS],
-        dvc_data_dirs={DVC_DATASET: config["dvc_data_dirs"][DVC_DATASET]},
-    )
-    (clone / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.org"]
-    for cmd in (git + ["init", "-q"], git + ["add", "-A"], git + ["commit", "-q", "-m", "fresh clone"]):
-        assert run(cmd, clone).returncode == 0
+    clone = one_run_repo(tmp_path / "clone", DVC_DATASET, DVC_BITS)
     proc = run(["dvc", "repro"], clone, timeout=1500)
     assert proc.returncode == 0, output(proc)[-5000:]
     status = run(["dvc", "status", "--json"], clone)

@@ -1,0 +1,75 @@
+"""Fixtures of the remote tests: a real SSH server on this machine (tests/helpers/ssh_server.py) and one
+``dvc repro`` of one dataset at one code length, committed in its own git repository, whose outputs the
+tests push and pull. Without the server's programs the tests are skipped, with the reason; with
+CONMH_REQUIRE_REMOTE set (as in .ci/run) they fail instead."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from helpers.repo import DVC_RUN, commit_all, one_run_repo, output, run
+from helpers.ssh_server import ServerProblem, SSHServer, programs
+
+REQUIRE = "CONMH_REQUIRE_REMOTE"
+# The run pushed and pulled: that of the DVC test of tests/e2e/test_pipeline.py.
+DATASET, BITS = DVC_RUN
+
+
+def require_programs() -> None:
+    try:
+        programs()
+    except ServerProblem as exc:
+        if os.environ.get(REQUIRE):
+            pytest.fail(f"{REQUIRE} is set, but no SSH server can be started: {exc}", pytrace=False)
+        pytest.skip(f"no SSH server for a DVC remote: {exc}")
+
+
+@pytest.fixture(scope="session")
+def ssh_server(tmp_path_factory) -> Iterator[SSHServer]:
+    """sshd on a free port of 127.0.0.1 with keys made for the session; stopped at the end."""
+    require_programs()
+    server = SSHServer(tmp_path_factory.mktemp("sshd"))
+    try:
+        server.start()
+    except ServerProblem as exc:
+        pytest.fail(f"sshd could not be started: {exc}", pytrace=False)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> Path:
+    """The trainer's repository: ``dvc repro`` of one run, then everything git tracks committed
+    (dvc.lock and results/); the models, codes and data are in its DVC cache only."""
+    require_programs()
+    repo = one_run_repo(tmp_path_factory.mktemp("trainer") / "repo", DATASET, BITS)
+    proc = run(["dvc", "repro"], repo, timeout=1500)
+    assert proc.returncode == 0, output(proc)[-5000:]
+    commit_all(repo, "dvc repro")
+    return repo
+
+
+@dataclass(frozen=True)
+class Pushed:
+    repo: Path  # the trainer's repository, its default remote "team" on the SSH server
+    remote: Path  # the remote's folder on the server
+    seconds: float
+    output: str
+
+
+@pytest.fixture(scope="session")
+def pushed(trained, ssh_server, tmp_path_factory) -> Pushed:
+    """The trainer's ``dvc push`` to the default remote, once per session."""
+    remote = tmp_path_factory.mktemp("remote") / "conmh"
+    ssh_server.add_dvc_remote(trained, "team", remote)
+    start = time.monotonic()
+    proc = run(["dvc", "push"], trained)
+    seconds = time.monotonic() - start
+    assert proc.returncode == 0, output(proc)[-5000:]
+    return Pushed(trained, remote, seconds, output(proc))
