@@ -183,6 +183,9 @@ def figure_loss(
 
     for ax in grid.axes.flat:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    grid.figure.suptitle("Training loss per epoch (loss = recon + alpha * contrast)", y=1.02)
+    title = "Training loss per epoch (loss = recon + alpha * contrast)"
+    if len(parts) > 3:
+        title += f", and the held-out mAP@{k} of the epochs evaluated while training"
+    grid.figure.suptitle(title, y=1.02)
     _save(grid.figure, path)
     plt.close(grid.figure)
