@@ -185,7 +185,10 @@ def main(argv: list[str] | None = None) -> int:
         pairs = f"{n_q or n_db:,} x {n_db:,}, {classes} classes"
         what = r["cache"] if r["cache"].startswith("baseline") else f"this checkout, {r['cache']}"
         ratio = base.get((r["shape"], r["bits"])) if r["cache"] == "warm" else None
-        what += f" ({ratio / r['best']:.1f}x faster than the baseline)" if ratio else ""
+        if ratio:
+            speed = ratio / r["best"]
+            faster = f"{speed:.1f}x faster" if speed >= 1 else f"{1 / speed:.1f}x slower"
+            what += f" ({faster} than the baseline)"
         print(
             f"| {r['shape']} | {pairs} | {r['bits']} | {what} | {r['best']:.2f} | {r['median']:.2f} | {r['rss']:.0f} |"
         )
