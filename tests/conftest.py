@@ -23,15 +23,6 @@ KINDS = ("unit", "e2e", "cluster", "remote", "gpu")
 TESTS = Path(__file__).parent
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    """One torch thread in this process: the tests' tensors are tiny, where a second thread only adds
-    overhead, and on a busy 2-core machine contention that made small trainings several times slower.
-    Commands the tests start keep torch's default."""
-    import torch
-
-    torch.set_num_threads(1)
-
-
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         kind = Path(item.path).relative_to(TESTS).parts[0]
