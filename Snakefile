@@ -1,4 +1,5 @@
-"""ConMH (AAAI 2023) reproduction pipeline: data -> train -> encode -> evaluate -> the paper's table.
+"""ConMH (AAAI 2023) reproduction pipeline: data -> fit -> encode -> evaluate -> the paper's table,
+for every method (config.yaml `methods`, conmh/methods/) x dataset x code length.
 
     snakemake --cores all                      # default: miniature datasets, CPU, a few minutes
     snakemake --cores all --config 'fcvid={source: real}'   # real FCVID (see docs/pipeline.md)
@@ -15,6 +16,7 @@ from snakemake.utils import min_version
 
 from conmh.datasets import DATASETS
 from conmh.errors import ConfigError
+from conmh.methods import method_file
 from conmh.pipeline import config as settings
 from conmh.pipeline.paths import Layout
 from conmh.pipeline.paper import figures_of
@@ -54,7 +56,7 @@ if _absent:
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
-include: "workflow/rules/train.smk"
+include: "workflow/rules/fit.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 

@@ -23,9 +23,11 @@ Parts (each fails soft: an error is recorded in the JSON and the next part runs)
   host array and over the HDF5 file: videos/s.
 * ``pipeline``: the default miniature pipeline with ``device: cuda``, in a
   copy of the repository (``python -m snakemake --cores 4 -p --config
-  'miniature={device: cuda}'``): wall time, ``results/table.csv``, and checks
-  that every train and encode job ran with ``--device cuda`` (such a job exits
-  with an error when CUDA is absent) and that GPU processes were seen.
+  'miniature={device: cuda}'``): wall time, ``results/table.csv``, the fit and
+  encode jobs of every method, and checks that every ConMH training (its fit
+  job's ``+ conmh train ...`` line in the job's log) ran with ``--device cuda``
+  (such a job, and a ConMH encode job, exits with an error when CUDA is absent)
+  and that GPU processes were seen.
 
 The JSON report is rewritten after every part, so a run cut short keeps what
 it measured. Parts that would not fit in what is left of ``--budget-s`` are
@@ -410,17 +412,20 @@ def run_pipeline(device: str, cores: int, timeout_s: float, workdir: Path, extra
             os.killpg(proc.pid, signal.SIGKILL)  # snakemake and the jobs it started
             output, _ = proc.communicate()
     wall = time.perf_counter() - tic
-    jobs = re.findall(r"conmh (train|encode) .*?--device (\S+)", output)
+    # The fit and encode jobs of every method, from the commands Snakemake printed (-p); the device of each
+    # ConMH training, from the `+ conmh train ... --device D` line its fit job printed into its log.
+    jobs = re.findall(r"conmh pipeline (fit|encode) --method (\S+) .*?--log (\S+)", output)
+    trainings = [_training_device(repo / log) for kind, method, log in jobs if (kind, method) == ("fit", "conmh")]
     result = {
         "command": cmd,
         "returncode": proc.returncode,
         "timed_out": timed_out,
         "wall_s": wall,
-        "train_jobs": sum(kind == "train" for kind, _ in jobs),
-        "encode_jobs": sum(kind == "encode" for kind, _ in jobs),
-        "job_devices": sorted({dev for _, dev in jobs}),
-        "train_log_precisions": _train_log_precisions(repo / "results" / "train"),
-        "models": len(list((repo / "work" / "train").glob("*/*/model.pt"))),
+        "fit_jobs": _by_method(method for kind, method, _ in jobs if kind == "fit"),
+        "encode_jobs": _by_method(method for kind, method, _ in jobs if kind == "encode"),
+        "job_devices": sorted({str(dev) for dev in trainings}),
+        "train_log_precisions": _train_log_precisions(repo / "results" / "fit"),
+        "models": len(list((repo / "work" / "fit").glob("*/conmh-*/model.pt"))),
     }
     if monitor is not None:
         result.update(gpu_processes_seen=len(monitor.pids), gpu_process_max_mib=monitor.max_mib)
@@ -433,15 +438,15 @@ def run_pipeline(device: str, cores: int, timeout_s: float, workdir: Path, extra
     result["all_jobs_on_device"] = (
         proc.returncode == 0
         and result["job_devices"] == [device]
-        and result["train_jobs"] > 0
-        and result["encode_jobs"] > 0
+        and result["fit_jobs"].get("conmh", 0) > 0
+        and result["encode_jobs"].get("conmh", 0) > 0
     )
     if proc.returncode != 0:
         result["output_tail"] = output[-6000:]
         raise PipelineFailed(result)
     say(
-        f"  ok in {wall:.0f} s: {result['train_jobs']} train + {result['encode_jobs']} encode jobs on "
-        f"{result['job_devices']}" + (f", {result['gpu_processes_seen']} GPU processes seen" if monitor else "")
+        f"  ok in {wall:.0f} s: fit jobs {result['fit_jobs']}, encode jobs {result['encode_jobs']}, ConMH trainings "
+        f"on {result['job_devices']}" + (f", {result['gpu_processes_seen']} GPU processes seen" if monitor else "")
     )
     return result
 
@@ -458,9 +463,24 @@ class PipelineFailed(Exception):
         self.details = details
 
 
-def _train_log_precisions(folder: Path) -> dict[str, int]:
+def _by_method(methods) -> dict[str, int]:
     counts: dict[str, int] = {}
-    for path in folder.glob("*/*.jsonl"):
+    for method in methods:
+        counts[method] = counts.get(method, 0) + 1
+    return counts
+
+
+def _training_device(job_log: Path) -> str | None:
+    """The ``--device`` of the ``conmh train`` a ConMH fit job launched (the ``+`` line of its log)."""
+    text = job_log.read_text(encoding="utf-8", errors="replace") if job_log.is_file() else ""
+    found = re.search(r"^\+ .*\bconmh train .*?--device (\S+)", text, re.M)
+    return found.group(1) if found else None
+
+
+def _train_log_precisions(folder: Path) -> dict[str, int]:
+    """The precisions of the epochs of ConMH's training logs (results/fit/<dataset>/conmh-<bits>bits.jsonl)."""
+    counts: dict[str, int] = {}
+    for path in folder.glob("*/conmh-*.jsonl"):
         for line in path.read_text(encoding="utf-8").splitlines():
             if line.strip():
                 key = str(json.loads(line).get("precision"))
@@ -546,7 +566,7 @@ def markdown(data: dict) -> str:
         if p["status"] == "ok":
             lines.append(
                 f"\nPipeline (miniature, device {p['job_devices']}): ok in {p['wall_s']:.0f} s, "
-                f"{p['train_jobs']} train + {p['encode_jobs']} encode jobs, {p['models']} models, "
+                f"fit jobs {p['fit_jobs']}, encode jobs {p['encode_jobs']}, {p['models']} ConMH models, "
                 f"train-log precisions {p['train_log_precisions']}"
                 + (f", {p['gpu_processes_seen']} GPU processes seen" if "gpu_processes_seen" in p else "")
             )

@@ -11,13 +11,14 @@
    (``conmh.synthetic.make_release_sized``). Data of an earlier run with the
    same sizes and seed is reused (the table then shows that run's figures).
 2. Runs every job of the pipeline for them at 64 bits, one after the other:
-   ``download`` (real source: the files are there), ``verify --real``,
-   ``train`` (the paper's recipe and batch size, ``small`` preset, float32 on
-   the CPU, ``--epochs`` epochs; FCVID's 19 GB training array is streamed),
-   ``encode`` (every database and query video), ``evaluate`` (mAP@K, the full
-   protocol), ``lsh`` and its ``evaluate``, and the ``report``. Each job is
-   the step the Snakefile and dvc.yaml run, ``conmh pipeline STEP --dataset D
-   --bits 64 [--threads N] --config FILE`` (``conmh.pipeline``), run from the
+   ``download`` (real source: the files are there), ``verify --real``, then
+   for each method of config.yaml's ``methods`` its ``fit`` (ConMH's: training
+   with the paper's recipe and batch size, ``small`` preset, float32 on the
+   CPU, ``--epochs`` epochs; FCVID's 19 GB training array is streamed), its
+   ``encode`` (every database and query video) and its ``evaluate`` (mAP@K,
+   the full protocol); and the ``report``. Each job is the step the Snakefile
+   and dvc.yaml run, ``conmh pipeline STEP [--method M] --dataset D --bits 64
+   [--threads N] --config FILE`` (``conmh.pipeline``), run from the
    repository root. FILE is the checked copy of a generated configuration
    (``OUT/config.yaml``) at ``{paths.logs}/config.yaml``, where a Snakemake
    run of that configuration writes it for its own jobs.
@@ -29,12 +30,12 @@
    hour) and each run's mAP@K.
 
 Why the jobs run here and not under Snakemake: Snakemake's benchmark files
-exist only for ``train``, ``encode`` and ``evaluate``, and their ``max_rss``
+exist only for ``fit``, ``encode`` and ``evaluate``, and their ``max_rss``
 is sampled (every 0.5 s for 15 s, then every 30 s) and summed over the job's
 process tree. Here each job is one child process, timed with a monotonic
 clock, and its peak RSS is the kernel's high-water mark from ``os.wait4``
 (``ru_maxrss``: the largest process of the job, e.g. ``conmh train`` under
-the ``conmh pipeline train`` step; its own memory, not the page cache).
+ConMH's ``conmh pipeline fit`` step; its own memory, not the page cache).
 ``snakemake -n -p --forceall --configfile OUT/config.yaml`` lists the same
 jobs with the same commands, each with ``--log`` where this script sends the
 job's output to the log itself (tests/e2e/test_rehearsal.py checks that).
@@ -72,7 +73,7 @@ import yaml
 from conmh.atomic import write_text_atomic
 from conmh.datasets import get_layout
 from conmh.device import IN_MEMORY_LIMIT_BYTES
-from conmh.pipeline.config import METHODS, check_config, data_dir, load_config, recipe_changes, write_effective_config
+from conmh.pipeline.config import check_config, data_dir, load_config, recipe_changes, write_effective_config
 from conmh.pipeline.paper import figures_of
 from conmh.pipeline.paths import Layout
 from conmh.recipes import Recipe, get_recipe
@@ -272,43 +273,34 @@ def jobs(cfg: dict, config: Path, out: Path, kind: str, scale: float, seed: int,
                 lay.log("verify", d),
                 note="" if kind == "full" else "without --real (not the release's counts)",
             ),
-            Step(
-                "train",
-                d,
-                step_command("train", config, d, BITS, threads=threads),
-                [lay.train_dir(d, BITS), lay.train_log(d, BITS)],
-                lay.log("train", f"{d}-{BITS}bits"),
-            ),
-            Step(
-                "encode",
-                d,
-                step_command("encode", config, d, BITS, threads=threads),
-                [lay.codes("conmh", d, BITS)],
-                lay.log("encode", f"{d}-{BITS}bits"),
-            ),
         ]
-        for method in METHODS:  # conmh's codes come from encode; each baseline's from its own step
-            if method != "conmh":
-                todo.append(
-                    Step(
-                        method,
-                        d,
-                        step_command(method, config, d, BITS),
-                        [lay.codes(method, d, BITS)],
-                        lay.log(method, f"{d}-{BITS}bits"),
-                    )
-                )
-            todo.append(
+        for method in cfg["methods"]:  # every method's fit, encode and evaluate (ConMH's fit is its training)
+            run = f"{method}-{d}-{BITS}bits"
+            todo += [
+                Step(
+                    f"fit {method}",
+                    d,
+                    step_command("fit", config, d, BITS, method=method, threads=threads),
+                    [lay.fit_dir(method, d, BITS), lay.fit_log(method, d, BITS)],
+                    lay.log("fit", run),
+                ),
+                Step(
+                    f"encode {method}",
+                    d,
+                    step_command("encode", config, d, BITS, method=method, threads=threads),
+                    [lay.codes(method, d, BITS)],
+                    lay.log("encode", run),
+                ),
                 Step(
                     f"evaluate {method}",
                     d,
                     step_command("evaluate", config, d, BITS, method=method),
                     [lay.metrics(method, d, BITS)],
-                    lay.log("evaluate", f"{method}-{d}-{BITS}bits"),
-                )
-            )
+                    lay.log("evaluate", run),
+                ),
+            ]
     report = list(lay.report_files(figures_of(cfg)).values()) + [
-        lay.summary(m, d, BITS) for d in cfg["datasets"] for m in METHODS
+        lay.summary(m, d, BITS) for d in cfg["datasets"] for m in cfg["methods"]
     ]
     todo.append(Step("report", "all", step_command("report", config), report, lay.log("report", "report")))
     return todo
@@ -391,7 +383,7 @@ def checks(done: list[Step], cfg: dict, specs: dict) -> dict:
     total = sum(s.wall_s for s in done)
     out: dict = {"total_wall_s": total, "within_an_hour": total <= HOUR_S}
     for s in done:
-        if s.step != "train":
+        if s.step != "fit conmh":
             continue
         spec, recipe = specs[s.dataset], effective_recipe(cfg, s.dataset)
         nbytes = spec["n_train"] * get_layout(s.dataset).frames * spec["feature_dim"] * 4
@@ -456,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         "the counts with the real dims, e.g. 0.05",
     )
     parser.add_argument("--epochs", type=int, default=1, help="training epochs per dataset (default: 1)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads of train and encode (default: 2)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of fit and encode (default: 2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated data (default: 0)")
     parser.add_argument(
         "--datasets",
@@ -508,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
 
     maps = {}
     for d in datasets:
-        for method in METHODS:
+        for method in cfg["methods"]:
             path = Path(Layout.of(cfg).metrics(method, d, BITS))
             if path.is_file():
                 maps.setdefault(d, {})[method] = json.loads(path.read_text(encoding="utf-8"))["map"]

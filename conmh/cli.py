@@ -401,7 +401,7 @@ def cmd_encode(args: argparse.Namespace) -> None:
 
 def cmd_lsh(args: argparse.Namespace) -> None:
     from .codes import write_codes
-    from .encode import lsh_codes
+    from .methods.lsh import lsh_codes
 
     codes = lsh_codes(args.dataset, args.data_dir, args.bits, seed=args.seed)
     write_codes(args.out, codes)
@@ -410,7 +410,7 @@ def cmd_lsh(args: argparse.Namespace) -> None:
 
 def cmd_itq(args: argparse.Namespace) -> None:
     from .codes import write_codes
-    from .encode import itq_codes
+    from .methods.itq import itq_codes
 
     codes = itq_codes(args.dataset, args.data_dir, args.bits, seed=args.seed, n_iter=args.iterations)
     write_codes(args.out, codes)

@@ -383,7 +383,7 @@ def held_out_evaluator(dataset: str, data_dir: str | Path, device: str = "auto",
     Reads and encodes the whole held-out split each time: about the cost of
     ``conmh encode`` plus ``conmh evaluate`` (benchmarks/README.md).
     """
-    from .encode import _with_labels, encode_features
+    from .encode import encode_features, encode_splits
     from .metrics import KS, map_at_k
 
     dev = select_device(device)
@@ -393,7 +393,7 @@ def held_out_evaluator(dataset: str, data_dir: str | Path, device: str = "auto",
             return encode_features(model, feats, dev, batch_size, False, split)
 
         tic = time.perf_counter()
-        codes = _with_labels(dataset, Path(data_dir), model.cfg.nbits, "conmh", encode, {})
+        codes = encode_splits(dataset, Path(data_dir), model.cfg.nbits, "conmh", encode, {})
         maps = map_at_k(codes.database, codes.database_labels, codes.queries, codes.query_labels, codes.bits, KS)
         return {"map": {str(k): v for k, v in maps.items()}, "seconds": round(time.perf_counter() - tic, 3)}
 

@@ -1,4 +1,4 @@
-"""``conmh pipeline STEP``: one step of the reproduction pipeline, for one dataset and code length.
+"""``conmh pipeline STEP``: one step of the reproduction pipeline, for one method, dataset and code length.
 
 Every Snakemake rule and every dvc.yaml stage runs one of these commands; the
 step reads the configuration (``config.yaml`` by default) and calls the
@@ -7,11 +7,9 @@ function of the same name in ``conmh.pipeline.steps``::
     conmh pipeline download --dataset fcvid
     conmh pipeline miniature --dataset fcvid   (DVC only)
     conmh pipeline verify   --dataset fcvid
-    conmh pipeline train    --dataset fcvid --bits 64 [--threads 8]
-    conmh pipeline encode   --dataset fcvid --bits 64 [--threads 8]
-    conmh pipeline lsh      --dataset fcvid --bits 64
-    conmh pipeline itq      --dataset fcvid --bits 64
-    conmh pipeline evaluate --dataset fcvid --bits 64 --method conmh
+    conmh pipeline fit      --method conmh --dataset fcvid --bits 64 [--threads 8]
+    conmh pipeline encode   --method conmh --dataset fcvid --bits 64 [--threads 8]
+    conmh pipeline evaluate --method conmh --dataset fcvid --bits 64
     conmh pipeline report
 
 Exit codes as ``conmh``: 0 ok, 1 bug, 2 usage, 3 bad input or configuration,
@@ -30,22 +28,20 @@ from pathlib import Path
 from ..datasets import DATASETS
 from ..errors import exit_status
 
-STEPS = ("download", "miniature", "verify", "train", "encode", "lsh", "itq", "evaluate", "report")
+STEPS = ("download", "miniature", "verify", "fit", "encode", "evaluate", "report")
 NEEDS = {  # the options each step needs
     "download": ("dataset",),
     "miniature": ("dataset",),
     "verify": ("dataset",),
-    "train": ("dataset", "bits"),
-    "encode": ("dataset", "bits"),
-    "lsh": ("dataset", "bits"),
-    "itq": ("dataset", "bits"),
-    "evaluate": ("dataset", "bits", "method"),
+    "fit": ("method", "dataset", "bits"),
+    "encode": ("method", "dataset", "bits"),
+    "evaluate": ("method", "dataset", "bits"),
     "report": (),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import METHODS
+    from .. import methods
 
     parser = argparse.ArgumentParser(
         prog="conmh pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -53,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("step", choices=STEPS)
     parser.add_argument("--dataset", choices=DATASETS)
     parser.add_argument("--bits", type=int)
-    parser.add_argument("--method", choices=METHODS, help="evaluate: which codes")
-    parser.add_argument("--threads", type=int, help="train, encode: torch threads (default: config's threads)")
+    parser.add_argument("--method", choices=methods.names(), help="fit, encode, evaluate: the method (conmh/methods/)")
+    parser.add_argument("--threads", type=int, help="fit, encode: torch threads (default: config's threads)")
     parser.add_argument(
         "--config", type=Path, default=Path("config.yaml"), help="configuration file (default: config.yaml)"
     )
@@ -103,10 +99,8 @@ def run_step(args: argparse.Namespace) -> int:
         return step(cfg, args.dataset)
     if args.step == "evaluate":
         return step(cfg, args.method, args.dataset, args.bits)
-    if args.step in ("lsh", "itq"):
-        return step(cfg, args.dataset, args.bits)
-    threads = args.threads or cfg["threads"][args.step]
-    return step(cfg, args.dataset, args.bits, threads)
+    threads = args.threads or cfg["threads"]["train" if args.step == "fit" else "encode"]
+    return step(cfg, args.method, args.dataset, args.bits, threads)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -21,17 +21,18 @@ from ..errors import ConfigError
 from .paths import Layout
 
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
-METHODS = ("conmh", "lsh", "itq")  # ConMH and its two baselines
 
 
 def load_schema() -> dict:
-    """config.schema.yaml with the names it takes from the package: datasets and presets."""
+    """config.schema.yaml with the names it takes from the package: datasets, presets and methods."""
+    from .. import methods
     from ..datasets import DATASETS
     from ..presets import PRESETS
 
     schema = yaml.safe_load(SCHEMA_PATH.read_text(encoding="utf-8"))
     schema["$defs"]["dataset_name"]["enum"] = list(DATASETS)
     schema["$defs"]["preset_name"]["enum"] = list(PRESETS)
+    schema["$defs"]["method_name"]["enum"] = methods.names()
     schema["properties"].update({d: {"$ref": "#/$defs/dataset"} for d in DATASETS})
     schema["required"] += list(DATASETS)
     return schema
@@ -112,6 +113,11 @@ def check_config(cfg: dict, source: str = "config.yaml") -> dict:
     cfg = coerce(copy.deepcopy(cfg), load_schema())
     problems = config_problems(cfg)
     if not problems:
+        problems += [
+            f"options.{m}: missing; give every method of `methods` an entry, {{}} for none (dvc.yaml tracks each)"
+            for m in cfg["methods"]
+            if m not in cfg["options"]
+        ]
         for dataset, by_bits in cfg["checkpoints"].items():
             for bits in by_bits:
                 if int(bits) not in cfg["bits"]:
@@ -177,44 +183,67 @@ def eval_every(cfg: dict, dataset: str) -> int:
     return cfg["eval_every"] if is_real(cfg, dataset) else cfg["miniature"]["eval_every"]
 
 
-def uses_gpu(cfg: dict, dataset: str) -> bool:
-    """Whether a train/encode job of ``dataset`` holds GPUs (a Snakemake resource)."""
-    return device(cfg, dataset) != "cpu" and is_real(cfg, dataset)
+def uses_gpu(cfg: dict, dataset: str, method: str = "conmh") -> bool:
+    """Whether a fit/encode job of ``method`` on ``dataset`` holds GPUs (a Snakemake resource)."""
+    from .. import methods
+
+    return methods.uses_gpu(method) and device(cfg, dataset) != "cpu" and is_real(cfg, dataset)
+
+
+def method_options(cfg: dict, method: str, dataset: str) -> dict:
+    """The keyword options of a method's fit and encode: its ``options`` entry; ConMH's are the preset
+    and device of the dataset (its recipe reaches the launched ``conmh train`` instead)."""
+    if method == "conmh":
+        return {"preset": preset(cfg, dataset), "device": device(cfg, dataset)}
+    return dict(cfg["options"].get(method, {}))
 
 
 def world_size(cfg: dict) -> int:
     return cfg["distributed"]["nproc_per_node"] * cfg["distributed"]["nnodes"]
 
 
-def train_gpus(cfg: dict, dataset: str) -> int:
+def train_gpus(cfg: dict, dataset: str, method: str = "conmh") -> int:
     """The ``gpu`` resource of a training job on one node: one GPU per process. Snakemake counts it
     (``--resources gpu=N``) and the SLURM plugin asks ``--gpus=N``. 0 on several nodes: see train_gres."""
+    if method != "conmh":  # fitted in the job's own process: one GPU where the method uses one
+        return int(uses_gpu(cfg, dataset, method))
     single_node = cfg["distributed"]["nnodes"] == 1
-    return world_size(cfg) if uses_gpu(cfg, dataset) and single_node else 0
+    return world_size(cfg) if uses_gpu(cfg, dataset, method) and single_node else 0
 
 
-def train_gres(cfg: dict, dataset: str) -> str:
+def train_gres(cfg: dict, dataset: str, method: str = "conmh") -> str:
     """The ``gres`` resource of a training job on several nodes: ``gpu:<nproc_per_node>``, which SLURM
     grants on each node (``--gres``), so that every node has a GPU per process. ``--gpus=<world size>``
     would let SLURM split them unevenly, and a process's LOCAL_RANK exceed its node's GPUs. "" otherwise.
     (Several nodes run only under SLURM: no local Snakemake run counts these GPUs.)"""
-    if uses_gpu(cfg, dataset) and cfg["distributed"]["nnodes"] > 1:
+    if method == "conmh" and uses_gpu(cfg, dataset, method) and cfg["distributed"]["nnodes"] > 1:
         return f"gpu:{cfg['distributed']['nproc_per_node']}"
     return ""
 
 
 def released_checkpoint(cfg: dict, dataset: str, bits: Any) -> str | None:
-    """The authors' checkpoint configured for this run, or None when the pipeline trains it."""
+    """The authors' ConMH checkpoint configured for this run, or None when the pipeline trains it."""
     return cfg["checkpoints"].get(dataset, {}).get(str(bits))
 
 
 def runs(cfg: dict) -> list[tuple[str, int]]:
-    """Every (dataset, bits) of the run: the paper's table has a row for each."""
+    """Every (dataset, bits) of the run: the paper's table has a row (per method) for each."""
     return [(d, b) for d in cfg["datasets"] for b in cfg["bits"]]
 
 
+def method_runs(cfg: dict) -> list[tuple[str, str, int]]:
+    """Every (method, dataset, bits): one set of codes and metrics each."""
+    return [(m, d, b) for d, b in runs(cfg) for m in cfg["methods"]]
+
+
+def fitted_runs(cfg: dict) -> list[tuple[str, str, int]]:
+    """The (method, dataset, bits) the pipeline fits: all but the ConMH runs given a released checkpoint."""
+    return [(m, d, b) for m, d, b in method_runs(cfg) if not (m == "conmh" and released_checkpoint(cfg, d, b))]
+
+
 def trained_runs(cfg: dict) -> list[tuple[str, int]]:
-    return [(d, b) for d, b in runs(cfg) if released_checkpoint(cfg, d, b) is None]
+    """The (dataset, bits) whose ConMH model the pipeline trains (the report draws their training logs)."""
+    return [(d, b) for m, d, b in fitted_runs(cfg) if m == "conmh"]
 
 
 def write_effective_config(cfg: dict) -> str:
@@ -229,9 +258,10 @@ def write_effective_config(cfg: dict) -> str:
     return path
 
 
-def model_for(cfg: dict, dataset: str, bits: Any) -> str:
-    """The weights that ``encode`` reads: a released checkpoint, or the pipeline's own model."""
-    return released_checkpoint(cfg, dataset, bits) or Layout.of(cfg).model(dataset, bits)
+def model_for(cfg: dict, method: str, dataset: str, bits: Any) -> str:
+    """The model that ``encode`` reads: a released ConMH checkpoint, or the pipeline's own fit."""
+    released = released_checkpoint(cfg, dataset, bits) if method == "conmh" else None
+    return released or Layout.of(cfg).model(method, dataset, bits)
 
 
 # --------------------------------------------------------------------------- DVC's copy of the data folders

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..atomic import atomic_path
-from .paper import DISPLAY, METHOD_DISPLAY, PAPER, PAPER_KS, label
+from .paper import DISPLAY, PAPER, PAPER_KS, label
 
 TRAINING_MAP_K = 20  # the K of the held-out mAP drawn beside the loss (conmh.metrics.KS, evaluated while training)
 PER_CLASS_K = 20  # the K of the per-class figure (the largest configured K when 20 is not)
@@ -18,13 +18,22 @@ def _save(fig, path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
 
 
-def figure_map(long: pd.DataFrame, sources: dict[str, str], path: Path) -> None:
+# Line styles of the mAP@K figure: ConMH solid, ITQ dotted, LSH dashed, other methods these in turn.
+DASHES = {"conmh": "", "itq": (1, 1.5), "lsh": (4, 2)}
+STYLE_WORDS = {"conmh": "solid", "itq": "dotted", "lsh": "dashed"}
+OTHER_DASHES = [(3, 1, 1, 1), (6, 2, 1, 2), (2, 2), (8, 2)]
+
+
+def figure_map(long: pd.DataFrame, sources: dict[str, str], path: Path, names: dict[str, str]) -> None:
+    """A panel per dataset, a colour per code length, a line style per method (``names``: method -> display)."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
+    others = iter(OTHER_DASHES * len(names))
+    dashes = {name: DASHES[m] if m in DASHES else next(others) for m, name in names.items()}
     df = long.assign(
         panel=[label(d, sources) for d in long["dataset"]],
-        method=long["method"].map(METHOD_DISPLAY).fillna(long["method"]),
+        method=long["method"].map(names),
         bits=long["bits"].map(lambda b: f"{b} bits"),
     )
     order = [label(d, sources) for d in sources if d in set(long["dataset"])]
@@ -37,8 +46,8 @@ def figure_map(long: pd.DataFrame, sources: dict[str, str], path: Path) -> None:
         hue="bits",
         hue_order=bits_order,
         style="method",
-        style_order=list(METHOD_DISPLAY.values()),
-        dashes={"ConMH": "", "ITQ": (1, 1.5), "LSH": (4, 2)},
+        style_order=list(names.values()),
+        dashes=dashes,
         markers=True,
         col="panel",
         col_order=order,
@@ -48,7 +57,9 @@ def figure_map(long: pd.DataFrame, sources: dict[str, str], path: Path) -> None:
     )
     grid.set_titles("{col_name}")
     grid.set_axis_labels("K", "mAP@K")
-    grid.figure.suptitle("mAP@K: ConMH (solid) vs the ITQ (dotted) and LSH (dashed) baselines", y=1.04)
+    grid.figure.suptitle(
+        "mAP@K: " + ", ".join(f"{n} ({STYLE_WORDS.get(m, 'other')})" for m, n in names.items()), y=1.04
+    )
     _save(grid.figure, path)
     plt.close(grid.figure)
 
@@ -63,7 +74,7 @@ def figure_pr(pr: pd.DataFrame, path: Path) -> None:
         x="recall",
         y="precision",
         hue="method",
-        hue_order=[m for m in METHOD_DISPLAY.values() if m in set(pr["method"])],
+        hue_order=list(dict.fromkeys(pr["method"])),  # the table's order of methods
         sort=False,  # in order of radius, as the table lists them
         estimator=None,  # every point as it is: several radii can share a recall, and must not be averaged
         marker=".",
@@ -88,7 +99,7 @@ def figure_per_class(per_class: pd.DataFrame, k: int, path: Path) -> None:
         x="rank",
         y="mAP",
         hue="method",
-        hue_order=[m for m in METHOD_DISPLAY.values() if m in set(per_class["method"])],
+        hue_order=list(dict.fromkeys(per_class["method"])),  # the table's order of methods
         marker="o" if per_class["rank"].max() < 50 else None,
         col="dataset",
         height=3.0,
@@ -100,7 +111,8 @@ def figure_per_class(per_class: pd.DataFrame, k: int, path: Path) -> None:
     for ax in grid.axes.flat:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     grid.set_titles("{col_name}")
-    grid.set_axis_labels("class, by ConMH's mAP (best first)", f"mAP@{k} of the class's queries")
+    first = per_class["method"].iloc[0]  # the method the classes are ranked by (tables.per_class_table)
+    grid.set_axis_labels(f"class, by {first}'s mAP (best first)", f"mAP@{k} of the class's queries")
     grid.figure.suptitle(f"Per-class mAP@{k} at the longest code length", y=1.04)
     _save(grid.figure, path)
     plt.close(grid.figure)

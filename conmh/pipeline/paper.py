@@ -24,7 +24,13 @@ PAPER: dict[tuple[str, int], tuple[float, ...]] = {
     (row["dataset"], int(row["bits"])): tuple(float(row[f"mAP@{k}"]) for k in PAPER_KS) for row in _ROWS
 }
 DISPLAY = {"fcvid": "FCVID", "activitynet": "ActivityNet", "yfcc": "YFCC"}
-METHOD_DISPLAY = {"conmh": "ConMH", "itq": "ITQ", "lsh": "LSH"}  # the figures' order
+
+
+def method_names(methods: list[str]) -> dict[str, str]:
+    """method -> its name in tables and figures (the module's DISPLAY), in the order given."""
+    from .. import methods as registry
+
+    return {m: registry.get(m).DISPLAY for m in methods}
 
 
 def label(dataset: str, sources: dict[str, str]) -> str:

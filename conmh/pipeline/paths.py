@@ -36,14 +36,17 @@ class Layout:
     def verify_report(self, dataset: str) -> str:
         return f"{self.results}/data/{dataset}/verify.json"
 
-    def train_dir(self, dataset: str, bits: Any) -> str:
-        return f"{self.work}/train/{dataset}/{bits}bits"
+    def fit_dir(self, method: str, dataset: str, bits: Any) -> str:
+        """A method's folder for one run (ConMH trains in it: epoch checkpoint, log, resume state)."""
+        return f"{self.work}/fit/{dataset}/{method}-{bits}bits"
 
-    def model(self, dataset: str, bits: Any) -> str:
-        return f"{self.train_dir(dataset, bits)}/model.pt"
+    def model(self, method: str, dataset: str, bits: Any) -> str:
+        """The fitted model, a PyTorch file whatever the method (conmh.methods)."""
+        return f"{self.fit_dir(method, dataset, bits)}/model.pt"
 
-    def train_log(self, dataset: str, bits: Any) -> str:
-        return f"{self.results}/train/{dataset}/{bits}bits.jsonl"
+    def fit_log(self, method: str, dataset: str, bits: Any) -> str:
+        """The fit's log, a JSON line per epoch (ConMH's training log); empty for a method without epochs."""
+        return f"{self.results}/fit/{dataset}/{method}-{bits}bits.jsonl"
 
     def codes(self, method: str, dataset: str, bits: Any) -> str:
         return f"{self.work}/codes/{dataset}/{method}-{bits}bits.h5"

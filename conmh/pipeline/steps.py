@@ -1,11 +1,12 @@
 """The pipeline's steps: one function per Snakemake rule and per dvc.yaml stage.
 
-Both engines run ``conmh pipeline STEP --dataset D --bits B``, which loads the
-configuration and calls the function of the same name here, so they cannot
-drift apart. Each step calls the library functions of its job (the same ones
-the ``conmh`` command calls). Training alone starts a new process: the
-``conmh train`` command of the run, plainly or under torchrun / srun
-(``launch.py``), printed with a ``+`` in the job's log so it can be repeated by hand.
+Both engines run ``conmh pipeline STEP --method M --dataset D --bits B``, which
+loads the configuration and calls the function of the same name here, so they
+cannot drift apart. Each step calls the library functions of its job: a
+method's ``fit`` and ``encode`` (conmh.methods), ``write_codes``, ``evaluate_file``.
+ConMH's training alone starts a new process: the ``conmh train`` command of
+the run, plainly or under torchrun / srun (``launch.py``), printed with a ``+``
+in the job's log so it can be repeated by hand.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .config import (
     device,
     eval_every,
     is_real,
+    method_options,
     model_for,
     preset,
     recipe_changes,
@@ -96,7 +98,7 @@ def train_command(cfg: dict, dataset: str, bits: int) -> list[str]:
         "--bits",
         str(bits),
         "--out-dir",
-        Layout.of(cfg).train_dir(dataset, bits),
+        Layout.of(cfg).fit_dir("conmh", dataset, bits),
         "--preset",
         preset(cfg, dataset),
     ]
@@ -113,11 +115,30 @@ def train_command(cfg: dict, dataset: str, bits: int) -> list[str]:
     return argv + ["--device", device(cfg, dataset), "--no-progress"]
 
 
+def fit(cfg: dict, method: str, dataset: str, bits: int, threads: int | None = None) -> int:
+    """Fit one method on the dataset's training split and write its model; ConMH's training is launched
+    as its own process (:func:`train`), every other method fits in this one."""
+    if method == "conmh":
+        return train(cfg, dataset, bits, threads)
+    from .. import methods
+
+    _set_threads(threads)
+    lay = Layout.of(cfg)
+    model_file = lay.model(method, dataset, bits)
+    with on_free_gpus(1 if uses_gpu(cfg, dataset, method) else 0):
+        methods.get(method).fit(
+            dataset, data_dir(cfg, dataset), bits, model_file, **method_options(cfg, method, dataset)
+        )
+    write_text_atomic(lay.fit_log(method, dataset, bits), "")  # no epochs, no loss curve
+    print(f"{method} {dataset} {bits} bits: fitted -> {model_file}", file=sys.stderr)
+    return 0
+
+
 def train(cfg: dict, dataset: str, bits: int, threads: int | None = None) -> int:
-    """Train one run in its folder (continuing an identical interrupted run), on free GPUs, under
+    """Train one ConMH run in its folder (continuing an identical interrupted run), on free GPUs, under
     torchrun when data-parallel; then copy its log to the results."""
     lay = Layout.of(cfg)
-    out_dir, log_copy = Path(lay.train_dir(dataset, bits)), Path(lay.train_log(dataset, bits))
+    out_dir, log_copy = Path(lay.fit_dir("conmh", dataset, bits)), Path(lay.fit_log("conmh", dataset, bits))
     released = released_checkpoint(cfg, dataset, bits)
     if released is not None:
         return use_released(Path(released), out_dir, log_copy)
@@ -155,40 +176,21 @@ def use_released(checkpoint: Path, out_dir: Path, log_copy: Path) -> int:
     return 0
 
 
-def encode(cfg: dict, dataset: str, bits: int, threads: int | None = None) -> int:
-    """Encode the database and queries with the run's model (on a free GPU for real data)."""
+def encode(cfg: dict, method: str, dataset: str, bits: int, threads: int | None = None) -> int:
+    """Encode the database and queries with the run's fitted model (on a free GPU where the method uses one)."""
+    from .. import methods
     from ..codes import write_codes
-    from ..encode import encode_dataset
 
     _set_threads(threads)
-    model, out = model_for(cfg, dataset, bits), Layout.of(cfg).codes("conmh", dataset, bits)
-    with on_free_gpus(1 if uses_gpu(cfg, dataset) else 0):
-        codes = encode_dataset(
-            model, dataset, data_dir(cfg, dataset), bits=bits, preset=preset(cfg, dataset), device=device(cfg, dataset)
+    model, out = model_for(cfg, method, dataset, bits), Layout.of(cfg).codes(method, dataset, bits)
+    with on_free_gpus(1 if uses_gpu(cfg, dataset, method) else 0):
+        codes = methods.get(method).encode(
+            model, dataset, data_dir(cfg, dataset), bits, **method_options(cfg, method, dataset)
         )
     write_codes(out, codes)
-    print(f"{dataset}: {len(codes.database)} database codes of {bits} bits from {model} -> {out}", file=sys.stderr)
-    return 0
-
-
-def lsh(cfg: dict, dataset: str, bits: int) -> int:
-    """The LSH baseline's codes, seeded by ``lsh_seed``."""
-    from ..codes import write_codes
-    from ..encode import lsh_codes
-
-    write_codes(
-        Layout.of(cfg).codes("lsh", dataset, bits), lsh_codes(dataset, data_dir(cfg, dataset), bits, cfg["lsh_seed"])
-    )
-    return 0
-
-
-def itq(cfg: dict, dataset: str, bits: int) -> int:
-    """The ITQ baseline's codes, seeded by ``itq_seed``."""
-    from ..codes import write_codes
-    from ..encode import itq_codes
-
-    write_codes(
-        Layout.of(cfg).codes("itq", dataset, bits), itq_codes(dataset, data_dir(cfg, dataset), bits, cfg["itq_seed"])
+    print(
+        f"{method} {dataset}: {len(codes.database)} database codes of {bits} bits from {model} -> {out}",
+        file=sys.stderr,
     )
     return 0
 

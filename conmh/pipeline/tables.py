@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from .paper import DISPLAY, METHOD_DISPLAY, PAPER, PAPER_KS, label
+from .paper import DISPLAY, PAPER, PAPER_KS, label, method_names
 
 ROW_OURS, ROW_PAPER, ROW_DIFF = "ConMH (ours)", "ConMH (paper)", "ours - paper"
 
-ROW_LSH, ROW_ITQ = "LSH (ours)", "ITQ (ours)"
+ROW_LSH, ROW_ITQ = "LSH (ours)", "ITQ (ours)"  # every other method: "<its DISPLAY> (ours)"
 
 ROW_RELEASED = "ConMH (released checkpoint)"
 
@@ -34,6 +34,14 @@ def load_details(paths: list[Path]) -> dict[tuple[str, str, int], dict]:
         m = json.loads(Path(path).read_text(encoding="utf-8"))
         out[m["dataset"], m["method"], int(m["bits"])] = m
     return out
+
+
+def names_of(methods: list[str] | None, long: pd.DataFrame) -> dict[str, str]:
+    """method -> display name in the table's order: ``methods`` (config.yaml's), or else ConMH first and
+    the others of ``long`` by name."""
+    if methods is None:
+        methods = ["conmh", *sorted(set(long["method"]) - {"conmh"})]
+    return method_names(methods)
 
 
 def long_table(details: dict[tuple[str, str, int], dict]) -> pd.DataFrame:
@@ -60,13 +68,16 @@ def build_table(
     sources: dict[str, str],
     released: set[tuple[str, int]] = frozenset(),
     ks: tuple[int, ...] = PAPER_KS,
+    methods: list[str] | None = None,
 ) -> pd.DataFrame:
-    """The paper's table: a row per dataset x bits x {ours, ITQ, LSH, paper, difference}.
+    """The paper's table: a row per dataset x bits x {each method, paper, difference}.
 
-    Datasets keep the order of ``sources``; paper and difference rows appear
-    only for real datasets at the paper's code lengths.
+    Datasets keep the order of ``sources``, methods that of ``methods`` (see
+    :func:`names_of`); paper and difference rows appear only for real
+    datasets at the paper's code lengths, where ConMH was run.
     """
     ks = tuple(k for k in ks if k in set(long["k"]))
+    names = names_of(methods, long)
     wide = long.pivot_table(index=["dataset", "bits", "method"], columns="k", values="map")
     rows = []
     for dataset, source in sources.items():
@@ -79,18 +90,14 @@ def build_table(
                 return [wide.loc[key, k] if key in wide.index else float("nan") for k in ks]
 
             head = {"dataset": DISPLAY[dataset], "data": "real" if real else "synthetic", "bits": bits}
-            ours = values("conmh")
-            rows.append(
-                {
-                    **head,
-                    "result": ROW_RELEASED if (dataset, bits) in released else ROW_OURS,
-                    **dict(zip(map(col, ks), ours)),
-                }
-            )
-            for method, row in (("itq", ROW_ITQ), ("lsh", ROW_LSH)):
-                if (dataset, bits, method) in wide.index:  # a baseline that was run
+            for method, name in names.items():
+                if method == "conmh":
+                    row = ROW_RELEASED if (dataset, bits) in released else ROW_OURS
                     rows.append({**head, "result": row, **dict(zip(map(col, ks), values(method)))})
-            if real and (dataset, bits) in PAPER:
+                elif (dataset, bits, method) in wide.index:  # a method that was run
+                    rows.append({**head, "result": f"{name} (ours)", **dict(zip(map(col, ks), values(method)))})
+            ours = values("conmh")
+            if real and (dataset, bits) in PAPER and "conmh" in names:
                 paper = dict(zip(PAPER_KS, PAPER[dataset, bits]))
                 rows.append({**head, "result": ROW_PAPER, **{col(k): paper[k] for k in ks if k in paper}})
                 rows.append(
@@ -111,24 +118,25 @@ def summary(long: pd.DataFrame, details: dict[tuple[str, str, int], dict]) -> di
     return out
 
 
-def pr_table(details: dict[tuple[str, str, int], dict], sources: dict[str, str]) -> pd.DataFrame:
+def pr_table(details: dict[tuple[str, str, int], dict], sources: dict[str, str], names: dict[str, str]) -> pd.DataFrame:
     """Precision and recall at every Hamming radius, long form (dataset, method, bits, radius, precision,
-    recall), for ``dvc plots`` and the figure."""
+    recall), for ``dvc plots`` and the figure; methods by their ``names`` (method -> display), in that order."""
     rows = [
-        (label(d, sources), METHOD_DISPLAY.get(m, m), b, r, p, rc)
+        (label(d, sources), names[m], b, r, p, rc)
         for d in sources
-        for (dd, m, b), metrics in sorted(
-            details.items(), key=lambda kv: (kv[0][2], list(METHOD_DISPLAY).index(kv[0][1]))
-        )
+        for (dd, m, b), metrics in sorted(details.items(), key=lambda kv: (kv[0][2], list(names).index(kv[0][1])))
         if dd == d and "pr_curve" in metrics
         for r, p, rc in zip(*(metrics["pr_curve"][c] for c in ("radius", "precision", "recall")))
     ]
     return pd.DataFrame(rows, columns=["dataset", "method", "bits", "radius", "precision", "recall"])
 
 
-def per_class_table(details: dict[tuple[str, str, int], dict], sources: dict[str, str], k: int) -> pd.DataFrame:
+def per_class_table(
+    details: dict[tuple[str, str, int], dict], sources: dict[str, str], k: int, names: dict[str, str]
+) -> pd.DataFrame:
     """mAP@k of every class that has queries, at each dataset's longest code length (long form: dataset,
-    method, class, queries, mAP); ``rank`` orders the classes by ConMH's value, best first."""
+    method, class, queries, mAP); ``rank`` orders the classes by the first method's value (ConMH's by
+    default), best first."""
     frames = []
     for d in sources:
         runs_of = {(m, b): v for (dd, m, b), v in details.items() if dd == d and "per_class_map" in v}
@@ -143,7 +151,7 @@ def per_class_table(details: dict[tuple[str, str, int], dict], sources: dict[str
                 pd.DataFrame(
                     {
                         "dataset": f"{label(d, sources)}, {bits} bits",
-                        "method": METHOD_DISPLAY.get(m, m),
+                        "method": names[m],
                         "class": range(len(per_class["n_queries"])),
                         "queries": per_class["n_queries"],
                         "mAP": [float("nan") if v is None else v for v in per_class["map"][str(k)]],
@@ -154,20 +162,21 @@ def per_class_table(details: dict[tuple[str, str, int], dict], sources: dict[str
     if not frames:
         return pd.DataFrame(columns=columns)
     df = pd.concat(frames, ignore_index=True).dropna(subset=["mAP"])
-    ours = df[df["method"] == "ConMH"].sort_values(["dataset", "mAP", "class"], ascending=[True, False, True])
+    first = next(name for name in names.values() if name in set(df["method"]))  # ConMH, where it was run
+    ours = df[df["method"] == first].sort_values(["dataset", "mAP", "class"], ascending=[True, False, True])
     rank = {(d, c): i for d, group in ours.groupby("dataset") for i, c in enumerate(group["class"])}
     df["rank"] = [rank.get((d, c), -1) for d, c in zip(df["dataset"], df["class"])]
     return df[columns]
 
 
-def curves(long: pd.DataFrame, sources: dict[str, str]) -> pd.DataFrame:
+def curves(long: pd.DataFrame, sources: dict[str, str], names: dict[str, str]) -> pd.DataFrame:
     """mAP@K in long form, labelled for the plot (for ``dvc plots``)."""
     order = {d: i for i, d in enumerate(sources)}
     df = long.assign(order=long["dataset"].map(order)).sort_values(["order", "method", "bits", "k"])
     return pd.DataFrame(
         {
             "dataset": [label(d, sources) for d in df["dataset"]],
-            "method": df["method"].map(METHOD_DISPLAY).fillna(df["method"]).to_numpy(),
+            "method": df["method"].map(names).to_numpy(),
             "bits": df["bits"].to_numpy(),
             "k": df["k"].to_numpy(),
             "mAP": df["map"].to_numpy(),

@@ -3,7 +3,7 @@
 * the default pipeline (at one code length) through ``--profile
   workflow/profiles/slurm`` gives the rows of the local run's table, every job
   with the account and partition the environment chose;
-* a training job with ``distributed.nnodes: 2`` spans two nodes: one torchrun
+* a ConMH fit (training) job with ``distributed.nnodes: 2`` spans two nodes: one torchrun
   per node started by srun, meeting through the c10d rendezvous, two gloo
   processes; it ends with the weights of a 2-process run on one node;
 * two such trainings at once on the same two nodes each meet at their own
@@ -38,10 +38,10 @@ from conmh.synthetic import MiniatureSpec, make_miniature
 from helpers.repo import copy_repo
 
 PROFILE = ROOT / "workflow" / "profiles" / "slurm" / "config.yaml"
-GPU_RULES = ("train", "encode")  # the rules the profile sends to CONMH_SLURM_GPU_PARTITION
+GPU_RULES = ("fit", "encode")  # the rules the profile sends to CONMH_SLURM_GPU_PARTITION (every method's jobs)
 
 
-def site_profile(cluster: Cluster, folder: Path, train_tasks: int | None = None) -> Path:
+def site_profile(cluster: Cluster, folder: Path, fit_tasks: int | None = None) -> Path:
     """A profile to put after workflow/profiles/slurm for this cluster: the same resources with memory
     requests capped at a node's memory (the profile asks up to 64 GB for real data), one thread per job
     (as the local run: the same threads give the same numbers), and status checks every few seconds."""
@@ -56,8 +56,8 @@ def site_profile(cluster: Cluster, folder: Path, train_tasks: int | None = None)
         "max-threads": 1,
         "slurm-init-seconds-before-status-checks": 2,
     }
-    if train_tasks is not None:  # CPU training on several nodes: one task per node (see the profile)
-        overlay["set-resources"]["train"]["tasks"] = train_tasks
+    if fit_tasks is not None:  # CPU training on several nodes: one task per node (see the profile)
+        overlay["set-resources"]["fit"]["tasks"] = fit_tasks
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.yaml").write_text(yaml.safe_dump(overlay, sort_keys=False))
     return folder
@@ -81,12 +81,14 @@ def snakemake_on_slurm(cluster: Cluster, repo: Path, site: Path, *args: str) -> 
 
 
 def jobs_of_run(run_id: str, since: str) -> list[dict[str, str]]:
-    """The allocations (one per Snakemake job) a run submitted, with the rule each ran."""
+    """The allocations (one per Snakemake job) a run submitted, with the rule each ran and the values of
+    its wildcards (the plugin's comment: ``rule_<rule>_wildcards_<values joined by _>``)."""
     rows = accounting(
         "-X", "-S", since, "--name", run_id, "-o", "JobID,Comment,Account,Partition,State,NNodes,NodeList"
     )
     for row in rows:
-        row["rule"] = row["Comment"].removeprefix("rule_").split("_wildcards_")[0]
+        rule, _, values = row["Comment"].removeprefix("rule_").partition("_wildcards_")
+        row["rule"], row["wildcards"] = rule, tuple(values.split("_")) if values else ()
     return rows
 
 
@@ -96,7 +98,7 @@ def now() -> str:
 
 # --------------------------------------------------------------------------- the default pipeline
 
-# The default pipeline for one dataset at one code length: every rule, 10 of its 70 jobs. All 70
+# The default pipeline for one dataset at one code length: every rule, 12 of its 88 jobs. All 88
 # through SLURM take roughly twice the CPU time of the local run (every job starts Snakemake once
 # more, about 3.5 s of CPU), too much for CI; the other datasets and code lengths run the same rules
 # and commands. ActivityNet: separate queries, the protocol with the most files.
@@ -130,13 +132,13 @@ def test_default_pipeline_on_slurm_gives_the_rows_of_the_local_table(cluster, sn
     assert counts == {
         "download": 1,
         "verify": 1,
-        "train": 1,
-        "encode": 1,
-        "lsh": 1,
-        "itq": 1,
+        "fit": 3,  # ConMH's training, ITQ's and LSH's fits
+        "encode": 3,
         "evaluate": 3,
         "report": 1,
     }
+    methods = collections.Counter(m for job in jobs if job["rule"] == "fit" for m in job["wildcards"])
+    assert {m: methods[m] for m in ("conmh", "itq", "lsh")} == {"conmh": 1, "itq": 1, "lsh": 1}, jobs
     for job in jobs:
         assert job["State"] == "COMPLETED", job
         assert job["Account"] == cluster.account, job
@@ -158,15 +160,16 @@ TWO_NODE_CONFIG = [
 def test_training_on_two_nodes_starts_one_torchrun_per_node(cluster, tmp_path):
     repo = copy_repo(tmp_path / "repo")
     since = now()
-    train_log = "results/train/activitynet/16bits.jsonl"
-    site = site_profile(cluster, tmp_path / "site", train_tasks=2)
+    train_log = "results/fit/activitynet/conmh-16bits.jsonl"
+    site = site_profile(cluster, tmp_path / "site", fit_tasks=2)
     _, run_id = snakemake_on_slurm(cluster, repo, site, "--config", *TWO_NODE_CONFIG, "--", train_log)
 
-    (train_job,) = [job for job in jobs_of_run(run_id, since) if job["rule"] == "train"]
+    jobs = jobs_of_run(run_id, since)
+    (train_job,) = [job for job in jobs if job["rule"] == "fit" and "conmh" in job["wildcards"]]
     assert train_job["NNodes"] == "2" and train_job["State"] == "COMPLETED", train_job
     nodes = slurm("scontrol", "show", "hostnames", train_job["NodeList"]).split()
-    # What the train step ran: srun starting torchrun on each node, meeting at the allocation's first node.
-    log = (repo / "logs" / "train" / "activitynet-16bits.log").read_text()
+    # What the fit step ran: srun starting torchrun on each node, meeting at the allocation's first node.
+    log = (repo / "logs" / "fit" / "conmh-activitynet-16bits.log").read_text()
     launch = srun_launch(log)
     assert launch[:8] == [
         "srun",
@@ -196,7 +199,7 @@ def test_training_on_two_nodes_starts_one_torchrun_per_node(cluster, tmp_path):
     (step,) = [s for s in steps if s["NTasks"] == "2"]
     assert step["NNodes"] == "2" and step["State"] == "COMPLETED", steps
 
-    out = repo / "work" / "train" / "activitynet" / "16bits"
+    out = repo / "work" / "fit" / "activitynet" / "conmh-16bits"
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
     assert checkpoint["meta"]["world_size"] == 2
     assert json.loads((out / "pipeline_run.json").read_text())["world_size"] == 2
@@ -207,7 +210,7 @@ def test_training_on_two_nodes_starts_one_torchrun_per_node(cluster, tmp_path):
 
 
 def srun_launch(log: str) -> list[str]:
-    """The srun + torchrun command line the train step printed into its log."""
+    """The srun + torchrun command line ConMH's fit step printed into its log."""
     return next(line[2:].split() for line in log.splitlines() if line.startswith("+ srun "))
 
 
@@ -248,8 +251,11 @@ def real_data_run(folder: Path, data: Path, recipe: dict, **settings) -> tuple[d
 
 
 def train_step(config: Path) -> list[str]:
-    """The pipeline's train step of that run, one thread per process, as a job runs it."""
-    return [*"conmh pipeline train --dataset activitynet --bits 16 --threads 1 --config".split(), str(config)]
+    """The pipeline's ConMH fit step (its training) of that run, one thread per process, as a job runs it."""
+    return [
+        *"conmh pipeline fit --method conmh --dataset activitynet --bits 16 --threads 1 --config".split(),
+        str(config),
+    ]
 
 
 def training_or_ended(job: str, out_dir: Path) -> bool:
@@ -271,7 +277,7 @@ def test_two_trainings_on_the_same_two_nodes_at_once_meet_each_at_its_own_port(c
         real_data_run(tmp_path / name, data, recipe, distributed={"nproc_per_node": 1, "nnodes": 2})
         for name in ("a", "b")
     ]
-    out_dirs = [Path(Layout.of(cfg).train_dir("activitynet", 16)) for cfg, _ in runs]
+    out_dirs = [Path(Layout.of(cfg).fit_dir("conmh", "activitynet", 16)) for cfg, _ in runs]
 
     def submit(config: Path) -> str:  # on the cluster's two nodes (so the same first node), a CPU on each
         return sbatch(
@@ -341,7 +347,7 @@ def test_a_cancelled_training_job_resumes_and_ends_with_the_codes_of_an_uninterr
     )
     epochs = 4
     cfg, config = real_data_run(tmp_path, data, {"epochs": epochs, "batch_size": 32, "lr": 1e-3, "seed": 1})
-    run_dir, straight = Path(Layout.of(cfg).train_dir("activitynet", 16)), tmp_path / "straight"
+    run_dir, straight = Path(Layout.of(cfg).fit_dir("conmh", "activitynet", 16)), tmp_path / "straight"
     train = train_command(cfg, "activitynet", 16) + ["--threads", "1"]
     train[train.index("--out-dir") + 1] = str(straight)
     job = train_step(config)

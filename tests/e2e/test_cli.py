@@ -109,8 +109,8 @@ def test_train_encode_lsh_evaluate(tiny: Path, encoded: Path) -> None:
 
 @pytest.mark.parametrize("batch_size", [7, 512])
 def test_lsh_is_the_sign_of_the_centred_mean_pooled_projection(tiny: Path, batch_size: int) -> None:
-    from conmh.encode import lsh_codes, lsh_projection
     from conmh.features import open_split
+    from conmh.methods.lsh import lsh_codes, lsh_projection
 
     with open_split("activitynet", tiny / "data", "train") as train:  # 64 videos: all of them centre
         centre = train.read(0, train.n).mean(axis=(0, 1), dtype=np.float64)

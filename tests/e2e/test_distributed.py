@@ -87,7 +87,7 @@ def test_torchrun_trains_what_one_process_trains_and_resumes_without_a_shared_fo
 
 
 def test_pipeline_job_launches_ddp_from_the_config(tmp_path: Path, capfd, monkeypatch) -> None:
-    """``distributed.nproc_per_node: 2`` in config.yaml: the pipeline's train step runs two processes."""
+    """``distributed.nproc_per_node: 2`` in config.yaml: the pipeline's ConMH fit step runs two processes."""
     root = Path(__file__).resolve().parents[2]
     cfg = load_config(root / "config.yaml")
     cfg["distributed"] = {"nproc_per_node": 2, "nnodes": 1}
@@ -101,11 +101,13 @@ def test_pipeline_job_launches_ddp_from_the_config(tmp_path: Path, capfd, monkey
         spec=MiniatureSpec(n_train=64, n_database=20, n_queries=10, feature_dim=32, n_classes=4),
     )
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    assert steps.train(cfg, "activitynet", 16, threads=1) == 0
+    assert steps.fit(cfg, "conmh", "activitynet", 16, threads=1) == 0
     assert "torch.distributed.run --standalone --nproc-per-node 2" in capfd.readouterr().err
-    out = Path(Layout.of(cfg).train_dir("activitynet", 16))
+    out = Path(Layout.of(cfg).fit_dir("conmh", "activitynet", 16))
     assert torch.load(out / "checkpoint.pt", weights_only=True)["meta"]["world_size"] == 2
-    log = [json.loads(line) for line in Path(Layout.of(cfg).train_log("activitynet", 16)).read_text().splitlines()]
+    log = [
+        json.loads(line) for line in Path(Layout.of(cfg).fit_log("conmh", "activitynet", 16)).read_text().splitlines()
+    ]
     assert len(log) == 4 and log[-1]["loss"] < log[0]["loss"]
     assert json.loads((out / "pipeline_run.json").read_text())["world_size"] == 2
     load_checkpoint(out / "model.pt")

@@ -21,6 +21,7 @@ from conmh.pipeline.paper import PAPER_KS
 from helpers.repo import DVC_RUN, copy_repo, one_run_repo, output, run, snakemake
 
 BITS = (16, 32, 64)
+METHODS = ("conmh", "itq", "lsh")
 
 
 def dry_run_jobs(proc: subprocess.CompletedProcess) -> set[tuple[str, ...]]:
@@ -42,10 +43,8 @@ def expected_jobs(datasets=DATASETS, bits=BITS, trained=None) -> set[tuple[str, 
     for d in datasets:
         jobs |= {("download", d), ("verify", d)}
         for b in bits:
-            jobs |= {("encode", d, str(b)), ("lsh", d, str(b)), ("itq", d, str(b))}
-            jobs |= {("evaluate", m, d, str(b)) for m in ("conmh", "lsh", "itq")}
-            if (d, b) in trained:
-                jobs.add(("train", d, str(b)))
+            jobs |= {(step, m, d, str(b)) for step in ("encode", "evaluate") for m in METHODS}
+            jobs |= {("fit", m, d, str(b)) for m in METHODS if m != "conmh" or (d, b) in trained}
     return jobs
 
 
@@ -78,17 +77,18 @@ def test_full_paper_dry_run_lists_the_jobs_with_the_paper_recipe_on_gpus(repo, t
     assert dry_run_jobs(proc) == expected_jobs()
     text = output(proc)
     train = [
-        line[line.index("conmh pipeline train ") :].strip()
+        line[line.index("conmh pipeline fit --method conmh ") :].strip()
         for line in text.splitlines()
-        if "conmh pipeline train " in line
+        if "conmh pipeline fit --method conmh " in line
     ]
     (config,) = set(re.findall(r"--config (logs/config-[0-9a-f]{12}\.yaml) ", "\n".join(train)))
     assert sorted(train) == sorted(
-        f"conmh pipeline train --dataset {d} --bits {b} --threads 1 --config {config} --log logs/train/{d}-{b}bits.log"
+        f"conmh pipeline fit --method conmh --dataset {d} --bits {b} --threads 1 --config {config}"
+        f" --log logs/fit/conmh-{d}-{b}bits.log"
         for d in DATASETS
         for b in BITS
     )
-    assert text.count("gpu=1") == 18  # train and encode jobs each ask for one GPU
+    assert text.count("gpu=1") == 18  # ConMH's fit and encode jobs each ask for one GPU, the baselines' none
     # What those jobs run: the checked configuration with --config applied, read back.
     from conmh.pipeline.config import load_config
     from conmh.pipeline.steps import train_command
@@ -107,8 +107,11 @@ def test_multi_node_gpu_training_asks_for_its_gpus_per_node(repo, tmp_path):
     distributed = "distributed={nproc_per_node: 4, nnodes: 2}"
     proc = snakemake(repo, "-n", "--config", *real_config(tmp_path), "datasets=[fcvid]", "bits=[64]", distributed)
     assert proc.returncode == 0, output(proc)
-    (resources,) = re.findall(r"rule train:.*?resources: ([^\n]*)", output(proc), re.S)
-    assert resources.endswith("gpu=0, gres=gpu:4, nodes=2"), resources
+    fits = re.findall(r"rule fit:.*?wildcards: [^\n]*method=(\w+).*?resources: ([^\n]*)", output(proc), re.S)
+    assert sorted(m for m, _ in fits) == sorted(METHODS)
+    for method, resources in fits:  # the baselines fit on one node without GPUs
+        want = "gpu=0, gres=gpu:4, nodes=2" if method == "conmh" else "gpu=0, gres=, nodes=1"
+        assert resources.endswith(want), (method, resources)
 
 
 def test_released_checkpoints_skip_training(repo, tmp_path):
@@ -126,7 +129,7 @@ def test_released_checkpoints_skip_training(repo, tmp_path):
     (config,) = set(re.findall(r"--config (logs/config-[0-9a-f]{12}\.yaml) ", output(proc)))
     cfg = load_config(repo / config)
     for b, path in released.items():
-        assert model_for(cfg, "fcvid", b) == str(path) and str(path) in output(proc)  # encode's input
+        assert model_for(cfg, "conmh", "fcvid", b) == str(path) and str(path) in output(proc)  # encode's input
 
 
 @pytest.mark.parametrize("profile", ["local", "slurm"])
@@ -138,8 +141,8 @@ def test_profiles_are_valid(repo, tmp_path, profile):
     )
     assert proc.returncode == 0, output(proc)
     assert dry_run_jobs(proc) == expected_jobs()
-    if profile == "slurm":  # training jobs get 8 threads on the cluster
-        assert output(proc).count("--threads 8") == 18
+    if profile == "slurm":  # fit and encode jobs get 8 threads on the cluster
+        assert output(proc).count("--threads 8") == 2 * len(METHODS) * 9
 
 
 def test_a_subset_runs_only_its_jobs(repo):
@@ -190,7 +193,7 @@ def test_a_missing_real_dataset_gives_the_instructions(repo, tmp_path):
         assert name in text
     assert "huangmozhi9527/ConMH" in text and "Baidu disk" in text
     assert f"put the files in {empty}/" in text
-    assert not (repo / "work" / "train" / "activitynet").exists()
+    assert not (repo / "work" / "fit" / "activitynet").exists()
 
 
 def test_a_corrupted_file_fails_verify(tmp_path):
@@ -242,7 +245,7 @@ def test_miniature_pipeline_runs_end_to_end_and_training_beats_lsh(snakemake_run
     assert len(pr) == len(DATASETS) * 3 * sum(b + 1 for b in BITS)  # a point per radius 0..bits
     per_query = pd.read_csv(snakemake_run / "work" / "metrics" / "yfcc" / "itq-64bits.per_query.csv")
     assert per_query["ap@20"].mean() == pytest.approx(metrics_of(snakemake_run)["yfcc/itq-64bits.json"]["map"]["20"])
-    log = (snakemake_run / "results" / "train" / "yfcc" / "64bits.jsonl").read_text().splitlines()
+    log = (snakemake_run / "results" / "fit" / "yfcc" / "conmh-64bits.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in log] == [1, 2, 3]
 
 
@@ -359,14 +362,14 @@ def test_dvc_repro_in_a_fresh_clone_gives_the_same_results(snakemake_run, tmp_pa
         return {p: p.read_bytes() for p in (clone / "results").rglob("*") if p.is_file()}
 
     before = files()
-    proc = run(["dvc", "exp", "run", "--temp", "-S", "config.yaml:lsh_seed=2"], clone, timeout=900)
+    proc = run(["dvc", "exp", "run", "--temp", "-S", "config.yaml:options.lsh.seed=2"], clone, timeout=900)
     assert proc.returncode == 0, output(proc)[-5000:]
     assert files() == before
     shown = run(["dvc", "exp", "show", "--json"], clone)
     assert shown.returncode == 0, output(shown)
     revisions = json.loads(shown.stdout)
     (exp,) = [rev for entry in revisions for e in entry.get("experiments") or [] for rev in e["revs"]]
-    assert exp["data"]["params"]["config.yaml"]["data"]["lsh_seed"] == 2
+    assert exp["data"]["params"]["config.yaml"]["data"]["options"]["lsh"]["seed"] == 2
     base, changed = revisions[0]["data"]["metrics"], exp["data"]["metrics"]
     for name in base:
         same = base[name]["data"] == changed[name]["data"]
@@ -388,3 +391,78 @@ def test_dvc_repro_in_a_fresh_clone_gives_the_same_results(snakemake_run, tmp_pa
     assert proc.returncode == 0 and "Running stage" not in proc.stdout, output(proc)[-5000:]
     assert feats.read_bytes() == original
     assert json.loads(run(["dvc", "status", "--json"], clone).stdout) == {}
+
+
+# --------------------------------------------------------------------------- a method of one's own
+
+# A method in one file (docs/methods.md): the signs of the first `bits` pooled feature dimensions
+# against their mean over the training split.
+TOY_METHOD = """
+import numpy as np
+
+from ..encode import encode_splits
+from ..features import open_split
+from . import load_arrays, save_arrays
+
+DISPLAY = "Toy"
+
+
+def fit(dataset, data_dir, bits, model_file, offset=0.0):
+    with open_split(dataset, data_dir, "train") as train:
+        pooled = np.concatenate([block.mean(axis=1) for _, block in train.iter_blocks(256)])
+    save_arrays(model_file, {"mean": pooled[:, :bits].mean(axis=0) + offset})
+
+
+def encode(model_file, dataset, data_dir, bits, **options):
+    mean = load_arrays(model_file)["mean"]
+
+    def bits_of(feats, split):
+        return np.concatenate([block.mean(axis=1)[:, :bits] >= mean for _, block in feats.iter_blocks(256)])
+
+    return encode_splits(dataset, data_dir, bits, "toy", bits_of, {})
+"""
+
+
+def test_a_method_added_in_one_file_gets_its_rows_figures_and_metrics(tmp_path):
+    """One module in conmh/methods/ and its name under `methods` in config.yaml: Snakemake and `dvc repro`
+    fit, encode and evaluate it and the report shows it, with no rule, stage or report edited."""
+    import os
+
+    import yaml
+
+    repo = copy_repo(tmp_path / "repo")
+    (repo / "conmh" / "methods" / "toy.py").write_text(TOY_METHOD)
+    config = yaml.safe_load((repo / "config.yaml").read_text())
+    config.update(datasets=["activitynet"], bits=[16], methods=["lsh", "toy"])
+    config["options"] = {"lsh": {"seed": 1}, "toy": {"offset": 0.0}}
+    config["dvc_data_dirs"] = {"activitynet": "data/miniature/activitynet"}
+    (repo / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    env = {**os.environ, "PYTHONPATH": str(repo)}  # the copy's conmh, toy method included, for every job
+
+    def in_repo(cmd: list[str]) -> subprocess.CompletedProcess:
+        return subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=900, env=env)
+
+    proc = in_repo(["snakemake", "--cores", "2"])
+    assert proc.returncode == 0, output(proc)[-5000:]
+    metrics = metrics_of(repo)
+    assert sorted(metrics) == ["activitynet/lsh-16bits.json", "activitynet/toy-16bits.json"]
+    assert metrics["activitynet/toy-16bits.json"]["method"] == "toy"
+    table = pd.read_csv(repo / "results" / "table.csv")
+    assert list(table["result"]) == ["LSH (ours)", "Toy (ours)"]  # the order of `methods`, no ConMH row
+    toy = table[table["result"] == "Toy (ours)"].iloc[0]
+    assert toy["mAP@20"] == pytest.approx(metrics["activitynet/toy-16bits.json"]["map"]["20"], abs=1e-6)
+    assert "Toy" in set(pd.read_csv(repo / "results" / "plots" / "map_at_k.csv")["method"])
+    assert "Toy" in set(pd.read_csv(repo / "results" / "plots" / "pr_curve.csv")["method"])
+    assert json.loads((repo / "results" / "summary" / "activitynet" / "toy-16bits.json").read_text())["mAP@20"] > 0
+    figures = sorted(p.name for p in (repo / "results" / "figures").iterdir())
+    assert figures == ["map_at_k.png", "per_class.png", "pr_curves.png"]  # nothing trained: no loss figure
+
+    # dvc repro runs the same method from the same config.yaml and gets the same metrics.
+    for leftover in ("results", "work", "data", "logs", ".snakemake"):
+        subprocess.run(["rm", "-rf", str(repo / leftover)], check=True)
+    for cmd in (["git", "init", "-q"], ["dvc", "repro"]):
+        proc = in_repo(cmd)
+        assert proc.returncode == 0, output(proc)[-5000:]
+    assert "fit@toy-activitynet-16" in proc.stdout
+    again = metrics_of(repo)
+    assert {k: v["map"] for k, v in again.items()} == {k: v["map"] for k, v in metrics.items()}

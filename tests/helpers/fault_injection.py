@@ -463,9 +463,14 @@ PIPE_CONFIG = [
     + ", ".join(f"{k}: {v}" for k, v in SPEC_SIZES.items())
     + "}}}",
 ]
-PIPE_TRAIN = Path(f"work/train/{DATASET}/{BITS}bits")
+PIPE_TRAIN = Path(f"work/fit/{DATASET}/conmh-{BITS}bits")
 PIPE_CODES = Path(f"work/codes/{DATASET}/conmh-{BITS}bits.h5")
-PIPE_FAULTS = ("train job, inside an epoch", "train job, checkpoint write", "encode job, codes write", "random moment")
+PIPE_FAULTS = (
+    "ConMH fit job, inside an epoch",
+    "ConMH fit job, checkpoint write",
+    "encode job, codes write",
+    "random moment",
+)
 
 
 def snakemake_exe() -> str | None:
@@ -546,7 +551,7 @@ def pipeline_reference(ws: Path) -> PipelineReference:
 def pipeline_trigger(kind: str, cwd: Path, ref: PipelineReference, rng: np.random.Generator) -> Trigger:
     train_dir, log = cwd / PIPE_TRAIN, cwd / PIPE_TRAIN / "train_log.jsonl"
     codes = cwd / PIPE_CODES
-    if kind == "train job, inside an epoch":
+    if kind == "ConMH fit job, inside an epoch":
         k = int(rng.integers(1, EPOCHS))
         seen: dict[str, float] = {}
 
@@ -554,12 +559,12 @@ def pipeline_trigger(kind: str, cwd: Path, ref: PipelineReference, rng: np.rando
             if complete_lines(log) >= k and "t" not in seen:
                 seen["t"] = elapsed + float(rng.uniform(0.1, 0.6))
             if "t" in seen and elapsed >= seen["t"] and not temp_of(train_dir, "checkpoint.pt"):
-                return "train job: " + train_phase(train_dir)
+                return "ConMH fit job: " + train_phase(train_dir)
             return None
 
         return inside
-    if kind == "train job, checkpoint write":
-        return lambda _: "train job: " + train_phase(train_dir) if temp_of(train_dir, "checkpoint.pt") else None
+    if kind == "ConMH fit job, checkpoint write":
+        return lambda _: "ConMH fit job: " + train_phase(train_dir) if temp_of(train_dir, "checkpoint.pt") else None
     if kind == "encode job, codes write":
         return lambda _: "encode job: writing the codes file" if temp_of(codes.parent, codes.name) else None
     at = float(rng.uniform(1.0, ref.seconds))
@@ -587,7 +592,7 @@ def pipeline_run(i: int, ws: Path, ref: PipelineReference, rng: np.random.Genera
         result["error"] = f"the rerun failed (exit {rc}): {err}"
         return result
     codes, maps, table = pipeline_outputs(cwd)
-    train_log = (cwd / f"logs/train/{DATASET}-{BITS}bits.log").read_text()
+    train_log = (cwd / f"logs/fit/conmh-{DATASET}-{BITS}bits.log").read_text()
     result.update(
         identical_codes=all(same_codes(codes[m], ref.codes[m]) for m in codes),
         identical_metrics=maps == ref.maps,
@@ -780,7 +785,7 @@ def _wrong_arch_checkpoint(s: Scratch) -> Path:
     return s.root / "fcvid-run" / "model.pt"
 
 
-RULE_ORDER = {"download": 0, "verify": 1, "train": 2, "encode": 3, "lsh": 3, "itq": 3, "evaluate": 4, "report": 5}
+RULE_ORDER = {"download": 0, "verify": 1, "fit": 2, "encode": 3, "evaluate": 4, "report": 5}
 
 
 def _stale_outputs(s: Scratch) -> Path:

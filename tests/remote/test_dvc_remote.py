@@ -26,7 +26,7 @@ from helpers.ssh_server import SSHServer, descendants
 
 DATASET, BITS = DVC_RUN
 # Where the pipeline puts the run's files (conmh/pipeline/paths.py).
-MODEL = f"work/train/{DATASET}/{BITS}bits/model.pt"
+MODEL = f"work/fit/{DATASET}/conmh-{BITS}bits/model.pt"  # ConMH's trained model
 CODES = f"work/codes/{DATASET}/conmh-{BITS}bits.h5"
 METRICS = f"results/metrics/{DATASET}/conmh-{BITS}bits.json"
 QUERIES = f"data/miniature/{DATASET}/query_feats.h5"
@@ -142,8 +142,10 @@ def test_a_teammates_clone_pulls_everything_and_retrains_nothing(pushed, ssh_ser
     # Snakemake decides by modification times, which a checkout does not order (a pulled model is as
     # new as the codes made from it), and it has no record of the pulled runs: told once that the
     # outputs are up to date (`--touch`, after a clean `dvc status`), it then has nothing to do.
+    # Untold, it would fit every method again (ConMH's training among them): three fits of the one run.
     proc = run(["snakemake", "-n", "--cores", "all"], clone)
-    assert proc.returncode == 0 and re.search(r"^train\s+1$", output(proc), re.M), output(proc)
+    assert proc.returncode == 0 and re.search(r"^fit\s+3$", output(proc), re.M), output(proc)
+    assert re.search(r"^rule fit:(?:\n .*)*\n    wildcards: .*method=conmh", output(proc), re.M), output(proc)
     proc = run(["snakemake", "--touch", "--cores", "all"], clone)
     assert proc.returncode == 0, output(proc)[-3000:]
     assert tracked_files(clone) == theirs  # touched, not rewritten
@@ -267,7 +269,7 @@ def test_a_corrupted_object_on_the_remote_is_refused_by_name(pushed, ssh_server,
     expected = tracked_files(pushed.repo)
     assert tracked_files(clone) == {name: data for name, data in expected.items() if name != MODEL}
     status = dvc_status(clone)
-    assert status[f"train@{DATASET}-{BITS}"] == [{"changed outs": {MODEL: "not in cache"}}], status
+    assert status[f"fit@conmh-{DATASET}-{BITS}"] == [{"changed outs": {MODEL: "not in cache"}}], status
 
     # The remedy: the trainer deletes the damaged object from the remote and pushes again (a push
     # sends what the remote lacks; it does not compare what is there); the repeated pull completes.
@@ -320,7 +322,9 @@ def test_released_checkpoints_go_to_the_same_remote(pushed, ssh_server, tmp_path
     (member / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     proc = run(["dvc", "repro"], member)
     assert proc.returncode == 0, output(proc)[-5000:]
-    assert "Running stage 'train" in proc.stdout and "Running stage 'encode" not in proc.stdout  # same model
+    # ConMH's fit copies the released checkpoint into place: the same model, so no encode runs again.
+    assert f"Running stage 'fit@conmh-{DATASET}-{BITS}'" in proc.stdout, output(proc)[-5000:]
+    assert "Running stage 'encode" not in proc.stdout, output(proc)[-5000:]
     commit_all(member, "The authors' checkpoints")
     proc = run(["dvc", "push"], member)
     assert proc.returncode == 0 and "1 file pushed" in output(proc), output(proc)  # the folder's listing

@@ -1,4 +1,4 @@
-"""The ITQ baseline (conmh.encode): PCA and iterative quantization against a transcription of the paper."""
+"""The ITQ baseline (conmh.methods.itq): PCA and iterative quantization against a transcription of the paper."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import conmh.encode as encode
+import conmh.methods.itq as itq
 from conmh.cli import main
 from conmh.codes import pack_bits, read_codes, unpack_bits
-from conmh.encode import fit_itq, itq_bits, itq_codes, itq_rotation, lsh_projection, pca_projection
 from conmh.errors import ConfigError
 from conmh.features import open_split
+from conmh.methods.itq import fit_itq, itq_bits, itq_codes, itq_rotation, pca_projection
+from conmh.methods.lsh import lsh_projection
 from conmh.metrics import map_at_k
 from conmh.synthetic import MiniatureSpec, make_miniature
 
@@ -216,7 +217,7 @@ def test_codes_do_not_depend_on_the_batch_size_and_are_deterministic(mini: Path)
 
 def test_training_is_capped_to_evenly_spaced_videos(mini: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = mini / "activitynet"
-    monkeypatch.setattr(encode, "ITQ_TRAIN_SAMPLES", 25)
+    monkeypatch.setattr(itq, "ITQ_TRAIN_SAMPLES", 25)
     codes = itq_codes("activitynet", data, 8, batch_size=4)
     assert codes.attrs["train_videos"] == 25
     rows = np.linspace(0, SMALL.n_train - 1, 25).astype(np.int64)

@@ -86,7 +86,7 @@ def test_the_jobs_config_is_named_by_its_content(cfg, tmp_path):
     cfg["paths"] = {k: str(tmp_path / k) for k in ("data", "work", "results", "logs")}
     first = settings.write_effective_config(cfg)
     assert settings.write_effective_config(cfg) == first and settings.load_config(first) == cfg
-    other = dict(cfg, lsh_seed=2)  # a run (or a dry run) with other --config values
+    other = dict(cfg, options={**cfg["options"], "lsh": {"seed": 2}})  # a run (or a dry run) with other --config values
     second = settings.write_effective_config(other)
     assert second != first and settings.load_config(first) == cfg and settings.load_config(second) == other
 
@@ -184,8 +184,8 @@ def test_dvc_data_dirs_that_disagree_are_refused_under_dvc_with_the_value_to_wri
 
 def test_a_step_without_its_dataset_or_bits_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_:
-        pipeline(["train", "--dataset", "fcvid"])
-    assert exit_.value.code == 2 and "train needs --bits" in capsys.readouterr().err
+        pipeline(["fit", "--method", "conmh", "--dataset", "fcvid"])
+    assert exit_.value.code == 2 and "fit needs --bits" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- what the steps run
@@ -239,7 +239,8 @@ def test_each_step_writes_what_the_conmh_command_writes(cfg, tmp_path, capsys):
     lay, data = Layout.of(cfg), settings.data_dir(cfg, "activitynet")
     assert steps.download(cfg, "activitynet") == 0 and steps.verify(cfg, "activitynet") == 0
     for method in ("lsh", "itq"):
-        assert getattr(steps, method)(cfg, "activitynet", 16) == 0
+        assert steps.fit(cfg, method, "activitynet", 16) == 0 and Path(lay.fit_log(method, "activitynet", 16)).exists()
+        assert steps.encode(cfg, method, "activitynet", 16) == 0
         assert steps.evaluate(cfg, method, "activitynet", 16) == 0
     by_hand = tmp_path / "by_hand"
     typed = [
@@ -275,11 +276,14 @@ def test_released_checkpoint_is_encoded_instead_of_trained(cfg, tmp_path, monkey
     cfg["checkpoints"] = {"yfcc": {"32": str(released)}}
     cfg["paths"] = {k: str(tmp_path / k) for k in ("data", "work", "results", "logs")}
     assert ("yfcc", 32) not in settings.trained_runs(cfg) and ("yfcc", 64) in settings.trained_runs(cfg)
-    assert settings.model_for(cfg, "yfcc", 32) == str(released)
-    # dvc repro runs every train stage of its matrix: this one copies the checkpoint into place.
-    assert steps.train(cfg, "yfcc", 32) == 0
+    assert ("conmh", "yfcc", 32) not in settings.fitted_runs(cfg) and ("lsh", "yfcc", 32) in settings.fitted_runs(cfg)
+    assert settings.model_for(cfg, "conmh", "yfcc", 32) == str(released)
     lay = Layout.of(cfg)
-    assert Path(lay.model("yfcc", 32)).read_bytes() == b"weights" and Path(lay.train_log("yfcc", 32)).read_text() == ""
+    assert settings.model_for(cfg, "lsh", "yfcc", 32) == lay.model("lsh", "yfcc", 32)  # ConMH's checkpoint only
+    # dvc repro runs every fit stage of its matrix: this one copies the checkpoint into place.
+    assert steps.fit(cfg, "conmh", "yfcc", 32) == 0
+    model, log = Path(lay.model("conmh", "yfcc", 32)), Path(lay.fit_log("conmh", "yfcc", 32))
+    assert model.read_bytes() == b"weights" and log.read_text() == ""
 
 
 def test_dvc_yaml_runs_the_same_steps_and_names_the_training_code():
@@ -294,8 +298,13 @@ def test_dvc_yaml_runs_the_same_steps_and_names_the_training_code():
         assert stage["cmd"].startswith(f"python -m conmh pipeline {name} ") or stage["cmd"] == (
             "python -m conmh pipeline report"
         )
-    train_deps = {d for d in dvc["stages"]["train"]["deps"] if d.startswith("conmh/")}
-    assert train_deps == {f"conmh/{name}" for name in training_run.TRAINING_CODE}
+    fit_deps = {d for d in dvc["stages"]["fit"]["deps"] if d.startswith("conmh/")}
+    assert fit_deps == {f"conmh/{name}" for name in training_run.TRAINING_CODE} | {
+        "conmh/methods/${item.method}.py",
+        "conmh/methods/__init__.py",
+    }
+    for name in ("fit", "encode", "evaluate"):
+        assert dvc["stages"][name]["matrix"]["method"] == "${methods}"  # the methods of config.yaml
 
 
 def test_snakefile_rules_run_the_same_steps():
@@ -700,7 +709,7 @@ def test_report_writes_tables_figures_metrics_and_plots(tmp_path):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(_metrics(d, method, b, value)))
     for b in (16, 64):
-        log = Path(lay.train_log("activitynet", b))
+        log = Path(lay.fit_log("conmh", "activitynet", b))
         log.parent.mkdir(parents=True, exist_ok=True)
         entries = [
             {

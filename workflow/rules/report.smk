@@ -4,8 +4,8 @@
 
 rule report:
     input:
-        metrics=[LAYOUT.metrics(m, d, b) for d, b in settings.runs(config) for m in settings.METHODS],
-        train_logs=[LAYOUT.train_log(d, b) for d, b in settings.trained_runs(config)],
+        metrics=[LAYOUT.metrics(m, d, b) for m, d, b in settings.method_runs(config)],
+        train_logs=[LAYOUT.fit_log("conmh", d, b) for d, b in settings.trained_runs(config)],
         verified=[LAYOUT.verify_report(d) for d in config["datasets"]],
         manifests=[LAYOUT.manifest(d) for d in config["datasets"]],
     output:
@@ -25,7 +25,7 @@ rule report:
         data=REPORT["data"],
         software=REPORT["software"],
         runtimes=REPORT["runtimes"],
-        summary=[LAYOUT.summary(m, d, b) for d, b in settings.runs(config) for m in settings.METHODS],
+        summary=[LAYOUT.summary(m, d, b) for m, d, b in settings.method_runs(config)],
     log:
         LAYOUT.log("report", "report"),
     params:

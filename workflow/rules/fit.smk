@@ -1,20 +1,21 @@
-# One training job per dataset x code length (none for a run with a released checkpoint).
+# One fit per method x dataset x code length: ConMH's training (none for a run with a released
+# checkpoint), the baselines' fits.
 
 
-rule train:
+rule fit:
     input:
         verify=LAYOUT.verify_report("{dataset}"),
         # the data folder itself (not committed): a fresh clone downloads or generates it again
         downloaded=LAYOUT.download_done("{dataset}"),
-        # the package's training code: changing it retrains, as under DVC
-        code=training_code(),
+        # the method's code (for ConMH the package's training code): changing it refits, as under DVC
+        code=lambda wc: fit_code(wc.method),
     output:
-        model=LAYOUT.model("{dataset}", "{bits}"),
-        train_log=LAYOUT.train_log("{dataset}", "{bits}"),
+        model=LAYOUT.model("{method}", "{dataset}", "{bits}"),
+        fit_log=LAYOUT.fit_log("{method}", "{dataset}", "{bits}"),
     log:
-        LAYOUT.log("train", "{dataset}-{bits}bits"),
+        LAYOUT.log("fit", "{method}-{dataset}-{bits}bits"),
     benchmark:
-        LAYOUT.benchmark("train", "{dataset}-{bits}bits")
+        LAYOUT.benchmark("fit", "{method}-{dataset}-{bits}bits")
     threads: config["threads"]["train"]
     # TODO: a CPU-only (gloo) run on several nodes needs `tasks: <nnodes>` in the user's
     # profile (docs/pipeline.md), since the SLURM plugin submits jobs without GPUs with
@@ -23,11 +24,11 @@ rule train:
     # GPUs: `gpu` (counted by Snakemake, --gpus on SLURM) on one node; `gres` (--gres=gpu:N, per node)
     # on several, so that SLURM gives every node one GPU per process.
     resources:
-        gpu=train_gpus,
-        gres=train_gres,
-        nodes=config["distributed"]["nnodes"],
+        gpu=fit_gpus,
+        gres=fit_gres,
+        nodes=fit_nodes,
     params:
         config=CONFIG,
     shell:
-        "conmh pipeline train --dataset {wildcards.dataset} --bits {wildcards.bits} --threads {threads}"
-        " --config {params.config} --log {log}"
+        "conmh pipeline fit --method {wildcards.method} --dataset {wildcards.dataset} --bits {wildcards.bits}"
+        " --threads {threads} --config {params.config} --log {log}"
