@@ -14,7 +14,7 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version
 
-from conmh.datasets import DATASETS
+from conmh.datasets import DATASETS, get_layout
 from conmh.errors import ConfigError
 from conmh.methods import method_file
 from conmh.pipeline import config as settings

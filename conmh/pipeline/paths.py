@@ -45,7 +45,8 @@ class Layout:
         return f"{self.fit_dir(method, dataset, bits)}/model.pt"
 
     def fit_log(self, method: str, dataset: str, bits: Any) -> str:
-        """The fit's log, a JSON line per epoch (ConMH's training log); empty for a method without epochs."""
+        """The fit's log: ConMH's training log (a JSON line per epoch); for a method without epochs, one line
+        with its model's sha256 (empty for a released checkpoint)."""
         return f"{self.results}/fit/{dataset}/{method}-{bits}bits.jsonl"
 
     def codes(self, method: str, dataset: str, bits: Any) -> str:

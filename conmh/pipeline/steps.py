@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from ..atomic import atomic_path, write_text_atomic, write_text_if_changed
+from ..checksums import file_sha256
 from ..recipes import cli_flag
 from . import download as data_files
 from .config import (
@@ -129,7 +130,8 @@ def fit(cfg: dict, method: str, dataset: str, bits: int, threads: int | None = N
         methods.get(method).fit(
             dataset, data_dir(cfg, dataset), bits, model_file, **method_options(cfg, method, dataset)
         )
-    write_text_atomic(lay.fit_log(method, dataset, bits), "")  # no epochs, no loss curve
+    # No epochs, no loss curve: the log names the model, so that a refit with another result differs.
+    write_text_atomic(lay.fit_log(method, dataset, bits), json.dumps({"model_sha256": file_sha256(model_file)}) + "\n")
     print(f"{method} {dataset} {bits} bits: fitted -> {model_file}", file=sys.stderr)
     return 0
 

@@ -466,3 +466,27 @@ def test_a_method_added_in_one_file_gets_its_rows_figures_and_metrics(tmp_path):
     assert "fit@toy-activitynet-16" in proc.stdout
     again = metrics_of(repo)
     assert {k: v["map"] for k, v in again.items()} == {k: v["map"] for k, v in metrics.items()}
+
+
+def test_a_refit_re_encodes_and_a_newer_model_file_alone_does_not(tmp_path):
+    """encode takes the model as ancient() (a `dvc pull` writes models and codes in any order) and its fit
+    log as the carrier: a fit that runs still re-encodes; a model that is only newer does not."""
+    import os
+    import time
+
+    repo = copy_repo(tmp_path / "repo")
+    one_run = ["--config", "datasets=[activitynet]", "bits=[16]", "methods=[lsh]"]
+    proc = snakemake(repo, "--cores", "2", *one_run)
+    assert proc.returncode == 0, output(proc)[-3000:]
+
+    def planned(*args: str) -> set[str]:
+        proc = snakemake(repo, "-n", *one_run, *args)
+        assert proc.returncode == 0, output(proc)
+        return set(re.findall(r"^(?:local)?rule (\w+):", output(proc), re.M))
+
+    assert planned() == set()
+    model = repo / "work" / "fit" / "activitynet" / "lsh-16bits" / "model.pt"
+    later = time.time() + 60
+    os.utime(model, (later, later))  # as after a `dvc pull`: newer than the codes made from it
+    assert planned() == set()
+    assert {"fit", "encode", "evaluate", "report"} <= planned("--forcerun", "fit")

@@ -1,10 +1,35 @@
-# Shared by every rule: wildcard patterns, the code a fit depends on and the GPUs a job holds.
+# Shared by every rule: wildcard patterns, input functions and the GPUs a job holds.
 
 
 wildcard_constraints:
     dataset="|".join(DATASETS),
     bits=r"\d+",
     method="|".join(config["methods"]),
+
+
+def downloaded(wildcards):
+    """input function: the dataset's download flag (LAYOUT.download_done) where the dataset's files are
+    missing (a fresh clone: they are generated or checked before a job reads them) or where the flag
+    exists; nothing where the files are all there without it (a clone that ran `dvc pull`), or any job
+    that had to run would download again and rerun every job after it, training included."""
+    flag = LAYOUT.download_done(wildcards.dataset)
+    folder = Path(settings.data_dir(config, wildcards.dataset))
+    names = [name for _, name, _ in get_layout(wildcards.dataset).all_files()]
+    if Path(flag).exists() or not all((folder / name).is_file() for name in names):
+        return flag
+    return []
+
+
+def encode_inputs(wildcards):
+    """input function (unpack) of encode: a released ConMH checkpoint as it is; the pipeline's own model
+    as ancient(), since `dvc pull` writes it at any time, even after the codes made from it. A fit that
+    runs still re-encodes, through its log: written by the same job after the model, in git (so older
+    than pulled codes), and different whenever the model is (a baseline's log holds its model's sha256)."""
+    released = settings.model_for(config, wildcards.method, wildcards.dataset, wildcards.bits)
+    own = LAYOUT.model(wildcards.method, wildcards.dataset, wildcards.bits)
+    if released != own:
+        return {"model": released}
+    return {"model": ancient(own), "fit_log": LAYOUT.fit_log(wildcards.method, wildcards.dataset, wildcards.bits)}
 
 
 def fit_code(method):

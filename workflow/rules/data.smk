@@ -16,7 +16,7 @@ rule download:
 rule verify:
     input:
         manifest=LAYOUT.manifest("{dataset}"),
-        downloaded=LAYOUT.download_done("{dataset}"),
+        downloaded=downloaded,
     output:
         report=LAYOUT.verify_report("{dataset}"),
     log:

@@ -3,10 +3,10 @@
 
 rule encode:
     input:
-        model=lambda wc: settings.model_for(config, wc.method, wc.dataset, wc.bits),
+        unpack(encode_inputs),
         verify=LAYOUT.verify_report("{dataset}"),
-        # the data folder itself (not committed): a fresh clone downloads or generates it again
-        downloaded=LAYOUT.download_done("{dataset}"),
+        # the data folder itself (not committed): a fresh clone without it generates or checks it again
+        downloaded=downloaded,
     output:
         codes=LAYOUT.codes("{method}", "{dataset}", "{bits}"),
     log:

@@ -5,8 +5,8 @@
 rule fit:
     input:
         verify=LAYOUT.verify_report("{dataset}"),
-        # the data folder itself (not committed): a fresh clone downloads or generates it again
-        downloaded=LAYOUT.download_done("{dataset}"),
+        # the data folder itself (not committed): a fresh clone without it generates or checks it again
+        downloaded=downloaded,
         # the method's code (for ConMH the package's training code): changing it refits, as under DVC
         code=lambda wc: fit_code(wc.method),
     output:
