@@ -147,6 +147,60 @@ def load_config(path: str | Path = "config.yaml") -> dict:
     return check_config(raw, str(path))
 
 
+# --------------------------------------------------------------------------- what reruns a step
+
+# The configuration keys each step's result depends on: changing one reruns the step (Snakemake: the
+# rule's params, see step_settings; DVC: the stage's params in dvc.yaml, which a test keeps equal to
+# this). "{dataset}" and "{method}" are the job's. The report depends on the whole configuration
+# (its provenance lists every key).
+STEP_KEYS = {
+    "download": ("{dataset}.source", "{dataset}.data_dir", "{dataset}.sha256", "miniature.seed", "miniature.sizes"),
+    "verify": ("verify_checksums",),
+    "fit": (
+        "{dataset}.source",
+        "{dataset}.data_dir",
+        "{dataset}.recipe",
+        "miniature.preset",
+        "miniature.device",
+        "miniature.eval_every",
+        "miniature.train",
+        "preset",
+        "device",
+        "precision",
+        "activation_checkpointing",
+        "deterministic",
+        "eval_every",
+        "distributed",
+        "resume",
+        "checkpoints",
+        "options.{method}",
+    ),
+    "encode": (
+        "{dataset}.source",
+        "{dataset}.data_dir",
+        "miniature.preset",
+        "miniature.device",
+        "preset",
+        "device",
+        "options.{method}",
+    ),
+    "evaluate": ("ks",),
+}
+
+
+def step_settings(cfg: dict, step: str, dataset: str, method: str = "") -> dict[str, Any]:
+    """The values of ``STEP_KEYS[step]`` for one job, by key: a Snakemake rule's params, so that a change
+    of another key (``ks``, another method's options) does not rerun the job."""
+    out = {}
+    for key in STEP_KEYS[step]:
+        key = key.format(dataset=dataset, method=method)
+        value: Any = cfg
+        for part in key.split("."):
+            value = value[part]
+        out[key] = value
+    return out
+
+
 # --------------------------------------------------------------------------- what one run uses
 
 

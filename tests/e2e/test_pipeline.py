@@ -468,25 +468,34 @@ def test_a_method_added_in_one_file_gets_its_rows_figures_and_metrics(tmp_path):
     assert {k: v["map"] for k, v in again.items()} == {k: v["map"] for k, v in metrics.items()}
 
 
-def test_a_refit_re_encodes_and_a_newer_model_file_alone_does_not(tmp_path):
-    """encode takes the model as ancient() (a `dvc pull` writes models and codes in any order) and its fit
-    log as the carrier: a fit that runs still re-encodes; a model that is only newer does not."""
+def test_what_a_change_reruns_under_snakemake(tmp_path):
+    """A job reruns for what it depends on, and only for that: a changed key of the configuration reruns
+    the jobs that read it (config.STEP_KEYS), not the others; a fit that runs re-encodes; a model file that
+    is only newer (as after a `dvc pull`, which writes models and codes in any order) does not."""
     import os
     import time
 
     repo = copy_repo(tmp_path / "repo")
-    one_run = ["--config", "datasets=[activitynet]", "bits=[16]", "methods=[lsh]"]
-    proc = snakemake(repo, "--cores", "2", *one_run)
+    one_run = ["datasets=[activitynet]", "bits=[16]", "methods=[itq, lsh]"]
+    proc = snakemake(repo, "--cores", "2", "--config", *one_run)
     assert proc.returncode == 0, output(proc)[-3000:]
 
-    def planned(*args: str) -> set[str]:
-        proc = snakemake(repo, "-n", *one_run, *args)
+    def planned(*config: str, forcerun: str = "") -> set[tuple[str, ...]]:
+        args = ["--forcerun", forcerun] if forcerun else []
+        proc = snakemake(repo, "-n", *args, "--config", *one_run, *config)
         assert proc.returncode == 0, output(proc)
-        return set(re.findall(r"^(?:local)?rule (\w+):", output(proc), re.M))
+        return dry_run_jobs(proc)
 
     assert planned() == set()
+    run_ = ("activitynet", "16")
+    # The K values: evaluation and the report only (before, every job ran again, training included).
+    assert planned("ks=[5,20]") == {("evaluate", "itq", *run_), ("evaluate", "lsh", *run_), ("report",), ("all",)}
+    # One method's option: that method's jobs only.
+    lsh_seed = "options={conmh: {}, itq: {seed: 1}, lsh: {seed: 2}}"
+    lsh_jobs = {(step, "lsh", *run_) for step in ("fit", "encode", "evaluate")}
+    assert planned(lsh_seed) == lsh_jobs | {("report",), ("all",)}
     model = repo / "work" / "fit" / "activitynet" / "lsh-16bits" / "model.pt"
     later = time.time() + 60
-    os.utime(model, (later, later))  # as after a `dvc pull`: newer than the codes made from it
+    os.utime(model, (later, later))  # newer than the codes made from it
     assert planned() == set()
-    assert {"fit", "encode", "evaluate", "report"} <= planned("--forcerun", "fit")
+    assert {("fit", "lsh", *run_), ("encode", "lsh", *run_)} <= planned(forcerun="fit")

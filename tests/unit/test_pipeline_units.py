@@ -307,6 +307,24 @@ def test_dvc_yaml_runs_the_same_steps_and_names_the_training_code():
         assert dvc["stages"][name]["matrix"]["method"] == "${methods}"  # the methods of config.yaml
 
 
+def test_dvc_yaml_and_snakemake_rerun_a_step_for_the_same_keys():
+    """dvc.yaml's params of each stage are settings.STEP_KEYS, the keys a Snakemake rule's params hold."""
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    for step, keys in settings.STEP_KEYS.items():
+        stage = dvc["stages"][step]
+        stage = stage.get("do", stage)  # a foreach stage
+        (params,) = [p["config.yaml"] for p in stage["params"]]
+        named = [k.replace("${item.dataset}", "{dataset}").replace("${key}", "{dataset}") for k in params]
+        assert [k.replace("${item.method}", "{method}") for k in named] == list(keys), step
+
+
+def test_a_job_depends_on_its_own_keys_only(cfg):
+    fit = settings.step_settings(cfg, "fit", "fcvid", "lsh")
+    assert fit["options.lsh"] == {"seed": 1} and "options.itq" not in fit and "ks" not in fit
+    assert fit["fcvid.recipe"] == {} and "yfcc.recipe" not in fit
+    assert settings.step_settings(cfg, "evaluate", "fcvid", "lsh") == {"ks": cfg["ks"]}
+
+
 def test_snakefile_rules_run_the_same_steps():
     rules = "".join(p.read_text() for p in (ROOT / "workflow" / "rules").glob("*.smk"))
     from conmh.pipeline.cli import STEPS

@@ -7,6 +7,13 @@ wildcard_constraints:
     method="|".join(config["methods"]),
 
 
+def settings_of(step):
+    """params function: the configuration keys a job of ``step`` depends on (config.STEP_KEYS), and only
+    those: a change of another key (``ks``, another method's options) reruns nothing there. The jobs read
+    the whole checked configuration from {CONFIG}, which is named by its content and so not a param."""
+    return lambda wc: settings.step_settings(config, step, wc.dataset, getattr(wc, "method", ""))
+
+
 def downloaded(wildcards):
     """input function: the dataset's download flag (LAYOUT.download_done) where the dataset's files are
     missing (a fresh clone: they are generated or checked before a job reads them) or where the flag

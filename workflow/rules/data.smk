@@ -8,9 +8,9 @@ rule download:
     log:
         LAYOUT.log("download", "{dataset}"),
     params:
-        config=CONFIG,
+        settings=settings_of("download"),
     shell:
-        "conmh pipeline download --dataset {wildcards.dataset} --config {params.config} --log {log}"
+        "conmh pipeline download --dataset {wildcards.dataset} --config {CONFIG} --log {log}"
 
 
 rule verify:
@@ -22,6 +22,6 @@ rule verify:
     log:
         LAYOUT.log("verify", "{dataset}"),
     params:
-        config=CONFIG,
+        settings=settings_of("verify"),
     shell:
-        "conmh pipeline verify --dataset {wildcards.dataset} --config {params.config} --log {log}"
+        "conmh pipeline verify --dataset {wildcards.dataset} --config {CONFIG} --log {log}"

@@ -17,10 +17,10 @@ rule encode:
     resources:
         gpu=encode_gpus,
     params:
-        config=CONFIG,
+        settings=settings_of("encode"),
     shell:
         "conmh pipeline encode --method {wildcards.method} --dataset {wildcards.dataset} --bits {wildcards.bits}"
-        " --threads {threads} --config {params.config} --log {log}"
+        " --threads {threads} --config {CONFIG} --log {log}"
 
 
 rule evaluate:
@@ -34,7 +34,7 @@ rule evaluate:
     benchmark:
         LAYOUT.benchmark("evaluate", "{method}-{dataset}-{bits}bits")
     params:
-        config=CONFIG,
+        settings=settings_of("evaluate"),
     shell:
         "conmh pipeline evaluate --method {wildcards.method} --dataset {wildcards.dataset} --bits {wildcards.bits}"
-        " --config {params.config} --log {log}"
+        " --config {CONFIG} --log {log}"

@@ -28,7 +28,7 @@ rule fit:
         gres=fit_gres,
         nodes=fit_nodes,
     params:
-        config=CONFIG,
+        settings=settings_of("fit"),
     shell:
         "conmh pipeline fit --method {wildcards.method} --dataset {wildcards.dataset} --bits {wildcards.bits}"
-        " --threads {threads} --config {params.config} --log {log}"
+        " --threads {threads} --config {CONFIG} --log {log}"

@@ -29,6 +29,7 @@ rule report:
     log:
         LAYOUT.log("report", "report"),
     params:
+        # the whole configuration, by its digest: the provenance lists every key
         config=CONFIG,
     shell:
         "conmh pipeline report --config {params.config} --log {log}"
