@@ -157,7 +157,11 @@ def figure_paper(long: pd.DataFrame, sources: dict[str, str], path: Path) -> Non
 
 
 def figure_loss(
-    logs: pd.DataFrame, sources: dict[str, str], path: Path, held_out: pd.DataFrame | None = None, k: int = 20
+    logs: pd.DataFrame,
+    sources: dict[str, str],
+    path: Path,
+    held_out: pd.DataFrame | None = None,
+    k: int = TRAINING_MAP_K,
 ) -> None:
     """The loss and its terms per epoch, a row each, and below them the held-out mAP@k of the epochs evaluated
     while training (``held_out``: ``tables.training_map``), when there are any."""
