@@ -18,9 +18,9 @@ def _save(fig, path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
 
 
-# Line styles of the mAP@K figure: ConMH solid, ITQ dotted, LSH dashed, other methods these in turn.
-DASHES = {"conmh": "", "itq": (1, 1.5), "lsh": (4, 2)}
-STYLE_WORDS = {"conmh": "solid", "itq": "dotted", "lsh": "dashed"}
+# Line styles of the mAP@K figure, (dashes, the title's word): ConMH solid, ITQ dotted, LSH dashed;
+# other methods OTHER_DASHES in turn.
+STYLES = {"conmh": ("", "solid"), "itq": ((1, 1.5), "dotted"), "lsh": ((4, 2), "dashed")}
 OTHER_DASHES = [(3, 1, 1, 1), (6, 2, 1, 2), (2, 2), (8, 2)]
 
 
@@ -30,7 +30,7 @@ def figure_map(long: pd.DataFrame, sources: dict[str, str], path: Path, names: d
     import seaborn as sns
 
     others = iter(OTHER_DASHES * len(names))
-    dashes = {name: DASHES[m] if m in DASHES else next(others) for m, name in names.items()}
+    dashes = {name: STYLES[m][0] if m in STYLES else next(others) for m, name in names.items()}
     df = long.assign(
         panel=[label(d, sources) for d in long["dataset"]],
         method=long["method"].map(names),
@@ -58,7 +58,7 @@ def figure_map(long: pd.DataFrame, sources: dict[str, str], path: Path, names: d
     grid.set_titles("{col_name}")
     grid.set_axis_labels("K", "mAP@K")
     grid.figure.suptitle(
-        "mAP@K: " + ", ".join(f"{n} ({STYLE_WORDS.get(m, 'other')})" for m, n in names.items()), y=1.04
+        "mAP@K: " + ", ".join(f"{n} ({STYLES[m][1] if m in STYLES else 'other'})" for m, n in names.items()), y=1.04
     )
     _save(grid.figure, path)
     plt.close(grid.figure)
@@ -111,8 +111,8 @@ def figure_per_class(per_class: pd.DataFrame, k: int, path: Path) -> None:
     for ax in grid.axes.flat:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     grid.set_titles("{col_name}")
-    first = per_class["method"].iloc[0]  # the method the classes are ranked by (tables.per_class_table)
-    grid.set_axis_labels(f"class, by {first}'s mAP (best first)", f"mAP@{k} of the class's queries")
+    ranked_by = per_class["ranked_by"].iloc[0]
+    grid.set_axis_labels(f"class, by {ranked_by}'s mAP (best first)", f"mAP@{k} of the class's queries")
     grid.figure.suptitle(f"Per-class mAP@{k} at the longest code length", y=1.04)
     _save(grid.figure, path)
     plt.close(grid.figure)

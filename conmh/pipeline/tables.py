@@ -96,8 +96,8 @@ def build_table(
                     rows.append({**head, "result": row, **dict(zip(map(col, ks), values(method)))})
                 elif (dataset, bits, method) in wide.index:  # a method that was run
                     rows.append({**head, "result": f"{name} (ours)", **dict(zip(map(col, ks), values(method)))})
-            ours = values("conmh")
             if real and (dataset, bits) in PAPER and "conmh" in names:
+                ours = values("conmh")
                 paper = dict(zip(PAPER_KS, PAPER[dataset, bits]))
                 rows.append({**head, "result": ROW_PAPER, **{col(k): paper[k] for k in ks if k in paper}})
                 rows.append(
@@ -135,8 +135,8 @@ def per_class_table(
     details: dict[tuple[str, str, int], dict], sources: dict[str, str], k: int, names: dict[str, str]
 ) -> pd.DataFrame:
     """mAP@k of every class that has queries, at each dataset's longest code length (long form: dataset,
-    method, class, queries, mAP); ``rank`` orders the classes by the first method's value (ConMH's by
-    default), best first."""
+    method, class, queries, mAP); ``rank`` orders the classes by the value of ``ranked_by``, the first
+    method of ``names`` that was run (ConMH by default), best first."""
     frames = []
     for d in sources:
         runs_of = {(m, b): v for (dd, m, b), v in details.items() if dd == d and "per_class_map" in v}
@@ -158,7 +158,7 @@ def per_class_table(
                     }
                 )
             )
-    columns = ["dataset", "method", "class", "queries", "mAP", "rank"]
+    columns = ["dataset", "method", "class", "queries", "mAP", "rank", "ranked_by"]
     if not frames:
         return pd.DataFrame(columns=columns)
     df = pd.concat(frames, ignore_index=True).dropna(subset=["mAP"])
@@ -166,6 +166,7 @@ def per_class_table(
     ours = df[df["method"] == first].sort_values(["dataset", "mAP", "class"], ascending=[True, False, True])
     rank = {(d, c): i for d, group in ours.groupby("dataset") for i, c in enumerate(group["class"])}
     df["rank"] = [rank.get((d, c), -1) for d, c in zip(df["dataset"], df["class"])]
+    df["ranked_by"] = first
     return df[columns]
 
 
