@@ -33,11 +33,39 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def snakemake_run(tmp_path_factory) -> Path:
-    """The default (miniature) pipeline, run once per session with the local executor in a fresh copy
-    of the repository. tests/e2e/test_pipeline.py checks it; tests/cluster compares a SLURM run with it."""
+    """The default (miniature) pipeline, the README's main job, run once per session with the local
+    executor in a fresh copy of the repository; tests/e2e/test_pipeline.py checks it."""
     from helpers.repo import copy_repo, output, snakemake
 
     repo = copy_repo(tmp_path_factory.mktemp("snakemake") / "repo")
     proc = snakemake(repo, "--cores", "2", timeout=1200)
     assert proc.returncode == 0, output(proc)[-5000:]
+    return repo
+
+
+@pytest.fixture(scope="session")
+def snakemake_test_run(tmp_path_factory) -> Path:
+    """The .test configuration (one dataset at one code length, every rule and method) under Snakemake,
+    as CI runs it: ``snakemake --configfile .test/config.yaml``. The DVC and SLURM runs of the same
+    configuration are compared with it."""
+    from helpers.repo import copy_repo, output, snakemake
+
+    repo = copy_repo(tmp_path_factory.mktemp("snakemake-test") / "repo")
+    proc = snakemake(repo, "--cores", "2", "--configfile", ".test/config.yaml")
+    assert proc.returncode == 0, output(proc)[-5000:]
+    return repo
+
+
+@pytest.fixture(scope="session")
+def dvc_test_run(tmp_path_factory) -> Path:
+    """``dvc repro`` of the .test configuration in a fresh copy of the repository (a git repository whose
+    config.yaml is config.yaml with .test/config.yaml applied), then everything git tracks committed
+    (dvc.lock and results/); the models, codes and data are in its DVC cache only. The DVC test of
+    tests/e2e/test_pipeline.py checks it; tests/remote pushes and pulls it (adding remotes to it, nothing else)."""
+    from helpers.repo import commit_all, output, repo_with_test_config, run
+
+    repo = repo_with_test_config(tmp_path_factory.mktemp("dvc-test") / "repo")
+    proc = run(["dvc", "repro"], repo, timeout=1500)
+    assert proc.returncode == 0, output(proc)[-5000:]
+    commit_all(repo, "dvc repro")
     return repo

@@ -1,8 +1,8 @@
 """The pipeline on a real SLURM cluster (marker ``cluster``; see conftest.py for what they need).
 
-* the default pipeline (at one code length) through ``--profile
-  workflow/profiles/slurm`` gives the rows of the local run's table, every job
-  with the account and partition the environment chose;
+* the .test configuration (one dataset at one code length, every rule and
+  method) through ``--profile workflow/profiles/slurm`` gives the table of its
+  local run, every job with the account and partition the environment chose;
 * a ConMH fit (training) job with ``distributed.nnodes: 2`` spans two nodes: one torchrun
   per node started by srun, meeting through the c10d rendezvous, two gloo
   processes; it ends with the weights of a 2-process run on one node;
@@ -44,7 +44,8 @@ GPU_RULES = ("fit", "encode")  # the rules the profile sends to CONMH_SLURM_GPU_
 def site_profile(cluster: Cluster, folder: Path, fit_tasks: int | None = None) -> Path:
     """A profile to put after workflow/profiles/slurm for this cluster: the same resources with memory
     requests capped at a node's memory (the profile asks up to 64 GB for real data), one thread per job
-    (as the local run: the same threads give the same numbers), and status checks every few seconds."""
+    (as the local run: the same threads give the same numbers), and status checks every second (a real
+    cluster's jobs take minutes; these take seconds)."""
 
     def capped(resources: dict) -> dict:
         return {k: min(int(v), cluster.node_memory_mb) if k == "mem_mb" else v for k, v in resources.items()}
@@ -54,7 +55,8 @@ def site_profile(cluster: Cluster, folder: Path, fit_tasks: int | None = None) -
         "default-resources": capped(profile["default-resources"]),
         "set-resources": {rule: capped(res) for rule, res in profile["set-resources"].items()},
         "max-threads": 1,
-        "slurm-init-seconds-before-status-checks": 2,
+        "slurm-init-seconds-before-status-checks": 1,
+        "seconds-between-status-checks": 1,
     }
     if fit_tasks is not None:  # CPU training on several nodes: one task per node (see the profile)
         overlay["set-resources"]["fit"]["tasks"] = fit_tasks
@@ -98,33 +100,26 @@ def now() -> str:
 
 # --------------------------------------------------------------------------- the default pipeline
 
-# The default pipeline for one dataset at one code length: every rule, 12 of its 88 jobs. All 88
-# through SLURM take roughly twice the CPU time of the local run (every job starts Snakemake once
-# more, about 3.5 s of CPU), too much for CI; the other datasets and code lengths run the same rules
-# and commands. ActivityNet: separate queries, the protocol with the most files.
-SLURM_DATASET, SLURM_BITS = "activitynet", 64
+# The .test configuration (one dataset at one code length, every rule), as CI runs it locally
+# (tests/conftest.py `snakemake_test_run`). All 88 jobs of the default pipeline through SLURM take roughly
+# twice the CPU time of the local run (every job starts Snakemake once more, about 3.5 s of CPU), too much
+# for CI; the other datasets and code lengths run the same rules and commands.
 
 
-def test_default_pipeline_on_slurm_gives_the_rows_of_the_local_table(cluster, snakemake_run, tmp_path):
+def test_the_test_configuration_on_slurm_gives_the_table_of_the_local_run(cluster, snakemake_test_run, tmp_path):
     repo = copy_repo(tmp_path / "repo")
     since = now()
     _, run_id = snakemake_on_slurm(
-        cluster,
-        repo,
-        site_profile(cluster, tmp_path / "site"),
-        "--config",
-        f"datasets=[{SLURM_DATASET}]",
-        f"bits=[{SLURM_BITS}]",
+        cluster, repo, site_profile(cluster, tmp_path / "site"), "--configfile", ".test/config.yaml"
     )
 
-    local = pd.read_csv(snakemake_run / "results" / "table.csv")
-    local = local[(local["bits"] == SLURM_BITS) & (local["dataset"] == "ActivityNet")].reset_index(drop=True)
+    local = pd.read_csv(snakemake_test_run / "results" / "table.csv")
     assert len(local) == 3  # ConMH, ITQ, LSH
     pd.testing.assert_frame_equal(pd.read_csv(repo / "results" / "table.csv"), local)
     metrics = sorted((repo / "results" / "metrics").glob("*/*.json"))
     assert len(metrics) == 3
     for path in metrics:
-        theirs = json.loads((snakemake_run / path.relative_to(repo)).read_text())
+        theirs = json.loads((snakemake_test_run / path.relative_to(repo)).read_text())
         assert json.loads(path.read_text())["map"] == theirs["map"], path.name
 
     jobs = jobs_of_run(run_id, since)

@@ -1,13 +1,14 @@
 """The reproduction pipeline as users run it: Snakemake dry runs list exactly the
 expected jobs, bad configs and missing or corrupt data fail with clear messages,
-the default (miniature) pipeline runs end to end, and `dvc repro` (one dataset at
-one code length, every stage) gives the same results as Snakemake. Every run
-happens in a temporary copy of the repository."""
+the default (miniature) pipeline runs end to end, and `dvc repro` of the .test
+configuration (one dataset at one code length, every stage) gives the results of
+Snakemake's run of it. Every run happens in a temporary copy of the repository."""
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -17,8 +18,9 @@ import pandas as pd
 import pytest
 
 from conmh.datasets import DATASETS
+from conmh.pipeline.config import load_config
 from conmh.pipeline.paper import PAPER_KS
-from helpers.repo import DVC_RUN, copy_repo, one_run_repo, output, run, snakemake
+from helpers.repo import ROOT, TEST_BITS, TEST_DATASET, copy_repo, output, run, snakemake, with_test_config
 
 BITS = (16, 32, 64)
 METHODS = ("conmh", "itq", "lsh")
@@ -314,47 +316,50 @@ def chromium() -> str:
     return path
 
 
-# The DVC run: one dataset at one code length, every stage (helpers.repo.DVC_RUN).
-DVC_DATASET, DVC_BITS = DVC_RUN
+def test_dvc_repro_in_a_fresh_copy_gives_the_results_of_snakemake(dvc_test_run, snakemake_test_run, tmp_path):
+    """`dvc repro` and `snakemake` of the same configuration (.test/config.yaml) give the same codes,
+    metrics and table; DVC's metrics, plots and experiments read them."""
+    repo = dvc_test_run
+    assert json.loads(run(["dvc", "status", "--json"], repo).stdout) == {}  # data included
 
-
-def test_dvc_repro_in_a_fresh_clone_gives_the_same_results(snakemake_run, tmp_path):
-    clone = one_run_repo(tmp_path / "clone", DVC_DATASET, DVC_BITS)
-    proc = run(["dvc", "repro"], clone, timeout=1500)
-    assert proc.returncode == 0, output(proc)[-5000:]
-    status = run(["dvc", "status", "--json"], clone)
-    assert status.returncode == 0 and json.loads(status.stdout) == {}, output(status)  # data included
-
-    ours, theirs = metrics_of(clone), metrics_of(snakemake_run)
-    assert sorted(ours) == [f"{DVC_DATASET}/{m}-{DVC_BITS}bits.json" for m in ("conmh", "itq", "lsh")]
+    ours, theirs = metrics_of(repo), metrics_of(snakemake_test_run)
+    assert sorted(ours) == [f"{TEST_DATASET}/{m}-{TEST_BITS}bits.json" for m in ("conmh", "itq", "lsh")]
     for name in ours:
         assert ours[name]["map"] == theirs[name]["map"], name
     # The codes themselves are identical (file hashes may differ: a checkpoint's bytes,
     # whose sha256 the codes file records, are not reproducible, its weights are).
-    codes = sorted((clone / "work" / "codes").glob("*/*.h5"))
+    codes = sorted((repo / "work" / "codes").glob("*/*.h5"))
     assert len(codes) == 3
     for path in codes:
-        with h5py.File(snakemake_run / path.relative_to(clone)) as a, h5py.File(path) as b:
+        with h5py.File(snakemake_test_run / path.relative_to(repo)) as a, h5py.File(path) as b:
             arrays: list[str] = []
             a.visititems(lambda key, item: arrays.append(key) if isinstance(item, h5py.Dataset) else None)
             assert "database/codes" in arrays
             for key in arrays:
                 assert np.array_equal(a[key][()], b[key][()]), (path, key)
-    table = pd.read_csv(snakemake_run / "results" / "table.csv")
-    rows = table[(table["dataset"] == "ActivityNet") & (table["bits"] == DVC_BITS)].reset_index(drop=True)
-    pd.testing.assert_frame_equal(pd.read_csv(clone / "results" / "table.csv"), rows)
+    table = pd.read_csv(snakemake_test_run / "results" / "table.csv")
+    assert len(table) == 3
+    pd.testing.assert_frame_equal(pd.read_csv(repo / "results" / "table.csv"), table)
 
-    shown = run(["dvc", "metrics", "show", "--json"], clone)
+    shown = run(["dvc", "metrics", "show", "--json"], repo)
     assert shown.returncode == 0, output(shown)
     (workspace,) = json.loads(shown.stdout).values()
     rows = workspace["data"]
-    assert len(rows) == 3 and rows[f"results/summary/{DVC_DATASET}/conmh-{DVC_BITS}bits.json"]["data"]["mAP@20"] > 0
-    plots = run(["dvc", "plots", "show", "--json"], clone)
+    assert len(rows) == 3 and rows[f"results/summary/{TEST_DATASET}/conmh-{TEST_BITS}bits.json"]["data"]["mAP@20"] > 0
+    plots = run(["dvc", "plots", "show", "--json"], repo)
     assert plots.returncode == 0 and "errors" not in json.loads(plots.stdout), output(plots)
     drawn = json.loads(plots.stdout)["data"]["results/plots/map_at_k.csv"][0]["content"]["data"]["values"]
     assert len(drawn) == 3 * 7
     losses = json.loads(plots.stdout)["data"]["results/plots/loss.csv"][0]["content"]["data"]["values"]
-    assert len(losses) == 3  # a point per trained run and epoch
+    epochs = with_test_config(load_config(ROOT / "config.yaml"))["miniature"]["train"]["epochs"]
+    assert len(losses) == epochs  # a point per trained run and epoch
+
+    # The rest changes the workspace: in a clone of it, with a copy of its DVC cache.
+    clone = tmp_path / "clone"
+    assert run(["git", "clone", "-q", str(repo), str(clone)], tmp_path).returncode == 0
+    shutil.copytree(repo / ".dvc" / "cache", clone / ".dvc" / "cache")
+    proc = run(["dvc", "checkout"], clone)
+    assert proc.returncode == 0 and json.loads(run(["dvc", "status", "--json"], clone).stdout) == {}, output(proc)
 
     # A temporary experiment with another LSH seed runs in its own copy: its LSH metrics change, its
     # ConMH and ITQ metrics do not, and the workspace is untouched.
@@ -378,14 +383,14 @@ def test_dvc_repro_in_a_fresh_clone_gives_the_same_results(snakemake_run, tmp_pa
     # The data is DVC's too: a changed feature file of one dataset shows as exactly that dataset's
     # miniature (a cached output) and the download stage that depends on it; the next `dvc repro`
     # restores the generated file from DVC's cache and runs nothing else.
-    feats = clone / "data" / "miniature" / DVC_DATASET / "train_feats.h5"
+    feats = clone / "data" / "miniature" / TEST_DATASET / "train_feats.h5"
     original = feats.read_bytes()
     with h5py.File(feats, "r+") as fh:
         fh["feats"][0, 0, 0] += 1
     status = run(["dvc", "status", "--json"], clone)
     assert json.loads(status.stdout) == {
-        f"miniature@{DVC_DATASET}": [{"changed outs": {f"data/miniature/{DVC_DATASET}": "modified"}}],
-        f"download@{DVC_DATASET}": [{"changed deps": {f"data/miniature/{DVC_DATASET}": "modified"}}],
+        f"miniature@{TEST_DATASET}": [{"changed outs": {f"data/miniature/{TEST_DATASET}": "modified"}}],
+        f"download@{TEST_DATASET}": [{"changed deps": {f"data/miniature/{TEST_DATASET}": "modified"}}],
     }, output(status)
     proc = run(["dvc", "repro"], clone)
     assert proc.returncode == 0 and "Running stage" not in proc.stdout, output(proc)[-5000:]
@@ -432,10 +437,9 @@ def test_a_method_added_in_one_file_gets_its_rows_figures_and_metrics(tmp_path):
 
     repo = copy_repo(tmp_path / "repo")
     (repo / "conmh" / "methods" / "toy.py").write_text(TOY_METHOD)
-    config = yaml.safe_load((repo / "config.yaml").read_text())
-    config.update(datasets=["activitynet"], bits=[16], methods=["lsh", "toy"])
+    config = with_test_config(yaml.safe_load((repo / "config.yaml").read_text()))
+    config["methods"] = ["lsh", "toy"]
     config["options"] = {"lsh": {"seed": 1}, "toy": {"offset": 0.0}}
-    config["dvc_data_dirs"] = {"activitynet": "data/miniature/activitynet"}
     (repo / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     env = {**os.environ, "PYTHONPATH": str(repo)}  # the copy's conmh, toy method included, for every job
 
@@ -445,15 +449,16 @@ def test_a_method_added_in_one_file_gets_its_rows_figures_and_metrics(tmp_path):
     proc = in_repo(["snakemake", "--cores", "2"])
     assert proc.returncode == 0, output(proc)[-5000:]
     metrics = metrics_of(repo)
-    assert sorted(metrics) == ["activitynet/lsh-16bits.json", "activitynet/toy-16bits.json"]
-    assert metrics["activitynet/toy-16bits.json"]["method"] == "toy"
+    toy_run = f"{TEST_DATASET}/toy-{TEST_BITS}bits.json"
+    assert sorted(metrics) == [f"{TEST_DATASET}/lsh-{TEST_BITS}bits.json", toy_run]
+    assert metrics[toy_run]["method"] == "toy"
     table = pd.read_csv(repo / "results" / "table.csv")
     assert list(table["result"]) == ["LSH (ours)", "Toy (ours)"]  # the order of `methods`, no ConMH row
     toy = table[table["result"] == "Toy (ours)"].iloc[0]
-    assert toy["mAP@20"] == pytest.approx(metrics["activitynet/toy-16bits.json"]["map"]["20"], abs=1e-6)
+    assert toy["mAP@20"] == pytest.approx(metrics[toy_run]["map"]["20"], abs=1e-6)
     assert "Toy" in set(pd.read_csv(repo / "results" / "plots" / "map_at_k.csv")["method"])
     assert "Toy" in set(pd.read_csv(repo / "results" / "plots" / "pr_curve.csv")["method"])
-    assert json.loads((repo / "results" / "summary" / "activitynet" / "toy-16bits.json").read_text())["mAP@20"] > 0
+    assert json.loads((repo / "results" / "summary" / toy_run).read_text())["mAP@20"] > 0
     figures = sorted(p.name for p in (repo / "results" / "figures").iterdir())
     assert figures == ["map_at_k.png", "per_class.png", "pr_curves.png"]  # nothing trained: no loss figure
 
@@ -463,7 +468,7 @@ def test_a_method_added_in_one_file_gets_its_rows_figures_and_metrics(tmp_path):
     for cmd in (["git", "init", "-q"], ["dvc", "repro"]):
         proc = in_repo(cmd)
         assert proc.returncode == 0, output(proc)[-5000:]
-    assert "fit@toy-activitynet-16" in proc.stdout
+    assert f"fit@toy-{TEST_DATASET}-{TEST_BITS}" in proc.stdout
     again = metrics_of(repo)
     assert {k: v["map"] for k, v in again.items()} == {k: v["map"] for k, v in metrics.items()}
 
@@ -476,25 +481,25 @@ def test_what_a_change_reruns_under_snakemake(tmp_path):
     import time
 
     repo = copy_repo(tmp_path / "repo")
-    one_run = ["datasets=[activitynet]", "bits=[16]", "methods=[itq, lsh]"]
-    proc = snakemake(repo, "--cores", "2", "--config", *one_run)
+    one_run = ["--configfile", ".test/config.yaml", "--config", "methods=[itq, lsh]"]
+    proc = snakemake(repo, "--cores", "2", *one_run)
     assert proc.returncode == 0, output(proc)[-3000:]
 
     def planned(*config: str, forcerun: str = "") -> set[tuple[str, ...]]:
         args = ["--forcerun", forcerun] if forcerun else []
-        proc = snakemake(repo, "-n", *args, "--config", *one_run, *config)
+        proc = snakemake(repo, "-n", *args, *one_run, *config)
         assert proc.returncode == 0, output(proc)
         return dry_run_jobs(proc)
 
     assert planned() == set()
-    run_ = ("activitynet", "16")
+    run_ = (TEST_DATASET, str(TEST_BITS))
     # The K values: evaluation and the report only (before, every job ran again, training included).
     assert planned("ks=[5,20]") == {("evaluate", "itq", *run_), ("evaluate", "lsh", *run_), ("report",), ("all",)}
     # One method's option: that method's jobs only.
     lsh_seed = "options={conmh: {}, itq: {seed: 1}, lsh: {seed: 2}}"
     lsh_jobs = {(step, "lsh", *run_) for step in ("fit", "encode", "evaluate")}
     assert planned(lsh_seed) == lsh_jobs | {("report",), ("all",)}
-    model = repo / "work" / "fit" / "activitynet" / "lsh-16bits" / "model.pt"
+    model = repo / "work" / "fit" / TEST_DATASET / f"lsh-{TEST_BITS}bits" / "model.pt"
     later = time.time() + 60
     os.utime(model, (later, later))  # newer than the codes made from it
     assert planned() == set()

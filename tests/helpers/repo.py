@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import shutil
 import subprocess
 from pathlib import Path
@@ -15,7 +16,6 @@ IGNORED = {
     "results",
     "logs",
     ".snakemake",
-    "__pycache__",
     ".pytest_cache",
     ".hypothesis",
     "dvc.lock",
@@ -31,7 +31,9 @@ IGNORED = {
 
 
 def copy_repo(dest: Path) -> Path:
-    """A fresh copy of the repository's sources (no data, no results, no tool state)."""
+    """A fresh copy of the repository's sources (no data, no results, no tool state), with the compiled
+    Hamming kernels (``compile_kernels``)."""
+    compile_kernels()
 
     def ignore(folder: str, names: list[str]) -> set[str]:
         here = Path(folder)
@@ -42,22 +44,65 @@ def copy_repo(dest: Path) -> Path:
     return dest
 
 
-# The run of the DVC tests (tests/e2e/test_pipeline.py, tests/remote): one dataset at one code length,
-# every stage (ActivityNet: separate queries, the protocol with the most files); the Snakemake fixture
-# runs all nine, the other datasets and lengths take the same stages. All nine under DVC cost CI about
-# 8 minutes.
-DVC_RUN = ("activitynet", 64)
+@functools.cache
+def compile_kernels() -> None:
+    """Compile the Hamming kernels (conmh/kernels.py) into this checkout's numba cache, conmh/__pycache__,
+    which ``copy_repo`` copies: a copy's jobs run the copy's conmh (``python -m conmh``), and its first
+    ranking would otherwise compile them again, about 15 s of CPU per copy. The pipeline's signatures:
+    codes of at most 255 bits, labels as the codes file holds them, both protocols."""
+    import tempfile
+
+    import numpy as np
+
+    from conmh.codes import Codes, pack_bits, write_codes
+    from conmh.metrics import evaluate_file, map_at_k
+
+    rng = np.random.default_rng(0)
+
+    def split(n: int) -> tuple[np.ndarray, np.ndarray]:
+        return pack_bits(rng.random((n, 16)) < 0.5), (rng.random((n, 3)) < 0.5).astype(np.uint8)
+
+    (db, db_labels), (q, q_labels) = split(20), split(5)
+    with tempfile.TemporaryDirectory() as tmp:
+        for queries in ((q, q_labels), (None, None)):
+            codes = Codes(16, "activitynet", "lsh", db, db_labels, *queries)
+            write_codes(Path(tmp) / "codes.h5", codes)
+            evaluate_file(Path(tmp) / "codes.h5", Path(tmp) / "metrics.json", per_query=Path(tmp) / "ap.csv")
+            map_at_k(db, db_labels, *queries, 16)
 
 
-def one_run_config(config: dict, dataset: str, bits: int) -> dict:
-    """config.yaml's content reduced to one dataset at one code length, every stage of it. The one place
-    where the DVC tests depend on the configuration's layout."""
-    return {
-        **config,
-        "datasets": [dataset],
-        "bits": [bits],
-        "dvc_data_dirs": {dataset: config["dvc_data_dirs"][dataset]},
-    }
+# The configuration CI runs end to end (.test/config.yaml: one dataset at one code length, every rule and
+# every method, on a small miniature), applied on top of config.yaml as `snakemake --configfile` applies
+# it. The default nine-run pipeline runs once (tests/conftest.py `snakemake_run`); the other end-to-end
+# runs (DVC, SLURM, the remote) take this one.
+TEST_CONFIG = ROOT / ".test" / "config.yaml"
+
+
+def with_test_config(config: dict) -> dict:
+    """config.yaml's content (``config``) with .test/config.yaml applied, merged as Snakemake merges a
+    ``--configfile`` into the Snakefile's ``configfile:`` (snakemake.utils.update_config), and
+    dvc_data_dirs reduced to its datasets (DVC reads config.yaml alone, and checks that entry)."""
+    import copy
+
+    import yaml
+    from snakemake.utils import update_config
+
+    merged = copy.deepcopy(config)
+    update_config(merged, yaml.safe_load(TEST_CONFIG.read_text()))
+    merged["dvc_data_dirs"] = {d: merged["dvc_data_dirs"][d] for d in merged["datasets"]}
+    return merged
+
+
+def _test_run() -> tuple[str, int]:
+    import yaml
+
+    cfg = yaml.safe_load(TEST_CONFIG.read_text())
+    (dataset,), (bits,) = cfg["datasets"], cfg["bits"]
+    return dataset, bits
+
+
+# The dataset and code length of the .test configuration.
+TEST_DATASET, TEST_BITS = _test_run()
 
 
 def released_checkpoint_config(config: dict, dataset: str, bits: int, path: str) -> dict:
@@ -79,15 +124,15 @@ def commit_all(repo: Path, message: str) -> None:
         assert proc.returncode == 0, output(proc)
 
 
-def one_run_repo(dest: Path, dataset: str, bits: int) -> Path:
-    """A fresh copy of the repository as a git repository of one commit, its config.yaml reduced to one
-    dataset at one code length (``one_run_config``): what ``dvc repro`` runs in the DVC tests."""
+def repo_with_test_config(dest: Path) -> Path:
+    """A fresh copy of the repository as a git repository of one commit, its config.yaml that of the .test
+    configuration (``with_test_config``): what ``dvc repro`` runs in the DVC tests."""
     import yaml
 
     repo = copy_repo(dest)
     config = yaml.safe_load((repo / "config.yaml").read_text())
-    (repo / "config.yaml").write_text(yaml.safe_dump(one_run_config(config, dataset, bits), sort_keys=False))
-    commit_all(repo, "one run")
+    (repo / "config.yaml").write_text(yaml.safe_dump(with_test_config(config), sort_keys=False))
+    commit_all(repo, ".test configuration")
     return repo
 
 

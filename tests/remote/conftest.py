@@ -1,7 +1,7 @@
-"""Fixtures of the remote tests: a real SSH server on this machine (tests/helpers/ssh_server.py) and one
-``dvc repro`` of one dataset at one code length, committed in its own git repository, whose outputs the
-tests push and pull. Without the server's programs the tests are skipped, with the reason; with
-CONMH_REQUIRE_REMOTE set (as in .ci/run) they fail instead."""
+"""Fixtures of the remote tests: a real SSH server on this machine (tests/helpers/ssh_server.py) and the
+``dvc repro`` of the .test configuration (tests/conftest.py ``dvc_test_run``), committed in its own git
+repository, whose outputs the tests push and pull. Without the server's programs the tests are skipped,
+with the reason; with CONMH_REQUIRE_REMOTE set (as in .ci/run) they fail instead."""
 
 from __future__ import annotations
 
@@ -13,12 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from helpers.repo import DVC_RUN, commit_all, one_run_repo, output, run
+from helpers.repo import output, run
 from helpers.ssh_server import ServerProblem, SSHServer, programs
 
 REQUIRE = "CONMH_REQUIRE_REMOTE"
-# The run pushed and pulled: that of the DVC test of tests/e2e/test_pipeline.py.
-DATASET, BITS = DVC_RUN
 
 
 def require_programs() -> None:
@@ -44,15 +42,11 @@ def ssh_server(tmp_path_factory) -> Iterator[SSHServer]:
 
 
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory) -> Path:
-    """The trainer's repository: ``dvc repro`` of one run, then everything git tracks committed
-    (dvc.lock and results/); the models, codes and data are in its DVC cache only."""
+def trained(dvc_test_run) -> Path:
+    """The trainer's repository: ``dvc repro`` of the .test configuration, everything git tracks
+    committed (dvc.lock and results/); the models, codes and data are in its DVC cache only."""
     require_programs()
-    repo = one_run_repo(tmp_path_factory.mktemp("trainer") / "repo", DATASET, BITS)
-    proc = run(["dvc", "repro"], repo, timeout=1500)
-    assert proc.returncode == 0, output(proc)[-5000:]
-    commit_all(repo, "dvc repro")
-    return repo
+    return dvc_test_run
 
 
 @dataclass(frozen=True)

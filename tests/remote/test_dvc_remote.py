@@ -21,17 +21,17 @@ from pathlib import Path
 
 import yaml
 
-from helpers.repo import DVC_RUN, commit_all, output, released_checkpoint_config, run
+from helpers.repo import TEST_BITS, TEST_DATASET, commit_all, output, released_checkpoint_config, run
 from helpers.ssh_server import SSHServer, descendants
 
-DATASET, BITS = DVC_RUN
+DATASET, BITS = TEST_DATASET, TEST_BITS
 # Where the pipeline puts the run's files (conmh/pipeline/paths.py).
 MODEL = f"work/fit/{DATASET}/conmh-{BITS}bits/model.pt"  # ConMH's trained model
 CODES = f"work/codes/{DATASET}/conmh-{BITS}bits.h5"
 METRICS = f"results/metrics/{DATASET}/conmh-{BITS}bits.json"
 QUERIES = f"data/miniature/{DATASET}/query_feats.h5"
-# The slowed-down SFTP server of the fault tests: about 1 MB/s per SFTP channel (the default run's
-# objects, 23 MB, then take several seconds to move), so that a transfer can be cut in the middle.
+# The slowed-down SFTP server of the fault tests: about 1 MB/s per SFTP channel (the .test run's
+# objects, about 8 MB, then take several seconds to move), so that a transfer can be cut in the middle.
 SLOW = 1_000_000
 OBJECT = re.compile(r"^[0-9a-f]{30}(\.dir)?$")
 
@@ -118,7 +118,7 @@ def test_a_teammates_clone_pulls_everything_and_retrains_nothing(pushed, ssh_ser
     pulled = time.monotonic() - began
     assert proc.returncode == 0, output(proc)
     print(
-        f"\ndefault run ({DATASET}, {BITS} bits): pushed {len(objects(pushed.remote))} objects,"
+        f"\n.test run ({DATASET}, {BITS} bits): pushed {len(objects(pushed.remote))} objects,"
         f" {size(pushed.remote)} bytes in {pushed.seconds:.1f} s; pulled {size(clone / '.dvc' / 'cache')} bytes"
         f" in {pulled:.1f} s\n{output(proc).strip().splitlines()[-1]}"
     )
