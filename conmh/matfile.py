@@ -2,43 +2,23 @@
 
 scipy's MATLAB v5 reader is compiled code: some byte-damaged files make it
 crash the process with SIGSEGV (tests/e2e/test_reliability.py), so a user would see
-the command die without a word. Label files are small, so reading them in a
-child Python process costs about half a second and turns a crash into an
-ordinary "damaged file" error.
+the command die without a word. Each file is read in a child process, which
+turns a crash into an ordinary "damaged file" error. The children are forked
+from multiprocessing's fork server, which imports scipy once: a process's first
+read starts it (about half a second, as a child Python of its own would cost),
+its later reads cost milliseconds (a training or a test suite reads many).
 """
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import tempfile
+import multiprocessing
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-# The child: load, then report one JSON line and (when found) the matrix as .npy.
-_CHILD = r"""
-import json, sys
-import numpy as np, scipy.io, scipy.sparse
-path, key, out = sys.argv[1:4]
-try:
-    mat = scipy.io.loadmat(path)
-except NotImplementedError:
-    print(json.dumps({"status": "v73"})); sys.exit(0)
-except Exception as e:
-    print(json.dumps({"status": "error", "error": f"{type(e).__name__}: {e}"})); sys.exit(0)
-if key not in mat:
-    print(json.dumps({"status": "missing", "keys": sorted(k for k in mat if not k.startswith("__"))})); sys.exit(0)
-arr = mat[key]
-arr = arr.toarray() if scipy.sparse.issparse(arr) else np.asarray(arr)
-if arr.dtype == object:
-    print(json.dumps({"status": "error", "error": f"key {key!r} holds MATLAB objects, not a numeric matrix"}))
-    sys.exit(0)
-np.save(out, arr, allow_pickle=False)
-print(json.dumps({"status": "ok"}))
-"""
+# A fresh server process rather than a fork of ours, which may hold threads (torch, numba).
+_CONTEXT = multiprocessing.get_context("forkserver")
 
 
 @dataclass(frozen=True)
@@ -51,24 +31,48 @@ class MatResult:
     error: str = ""
 
 
+def _read(path: str, key: str, conn) -> None:
+    """The child: load, then send one MatResult (a crash sends nothing)."""
+    try:
+        import scipy.io
+        import scipy.sparse
+
+        try:
+            mat = scipy.io.loadmat(path)
+        except NotImplementedError:
+            conn.send(MatResult("v73"))
+            return
+        if key not in mat:
+            conn.send(MatResult("missing", keys=tuple(sorted(k for k in mat if not k.startswith("__")))))
+            return
+        arr = mat[key]
+        arr = arr.toarray() if scipy.sparse.issparse(arr) else np.asarray(arr)
+        if arr.dtype == object:
+            conn.send(MatResult("error", error=f"key {key!r} holds MATLAB objects, not a numeric matrix"))
+            return
+        conn.send(MatResult("ok", array=arr))
+    except Exception as e:
+        conn.send(MatResult("error", error=f"{type(e).__name__}: {e}"))
+
+
 def load_mat_v5(path: str | Path, key: str, timeout: float = 600.0) -> MatResult:
     """The matrix under ``key`` of a MATLAB v5 file, read by ``scipy.io.loadmat`` in a child process."""
-    with tempfile.TemporaryDirectory(prefix="conmh-mat-") as tmp:
-        out = Path(tmp) / "array.npy"
-        try:
-            proc = subprocess.run(
-                [sys.executable, "-c", _CHILD, str(path), key, str(out)],
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-            )
-        except subprocess.TimeoutExpired:
+    _CONTEXT.set_forkserver_preload(["scipy.io", "scipy.sparse"])  # takes effect when the server starts
+    receiver, sender = _CONTEXT.Pipe(duplex=False)
+    child = _CONTEXT.Process(target=_read, args=(str(path), key, sender), daemon=True)
+    child.start()
+    sender.close()  # the child holds the only sending end: a crash closes it
+    try:
+        if not receiver.poll(timeout):
+            child.kill()
             return MatResult("crash", error=f"the MATLAB reader did not finish within {timeout:.0f} s")
-        if proc.returncode != 0:
-            how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit status {proc.returncode}"
-            last = proc.stderr.strip().splitlines()[-1:] or [""]
-            return MatResult("crash", error=f"the MATLAB reader crashed ({how}) {last[0]}".strip())
-        report = json.loads(proc.stdout.strip().splitlines()[-1])
-        if report["status"] == "ok":
-            return MatResult("ok", array=np.load(out, allow_pickle=False))
-        return MatResult(report["status"], keys=tuple(report.get("keys", ())), error=report.get("error", ""))
+        try:
+            return receiver.recv()
+        except EOFError:  # it ended without an answer
+            child.join()
+            code = child.exitcode
+            how = f"signal {-code}" if code is not None and code < 0 else f"exit status {code}"
+            return MatResult("crash", error=f"the MATLAB reader crashed ({how})")
+    finally:
+        receiver.close()
+        child.join()
