@@ -1,8 +1,8 @@
 """ConMH (AAAI 2023) reproduction pipeline: data -> fit -> encode -> evaluate -> the paper's table,
 for every method (config.yaml `methods`, conmh/methods/) x dataset x code length.
 
-    snakemake --cores all                      # default: miniature datasets, CPU, a few minutes
-    snakemake --cores all --config 'fcvid={source: real}'   # real FCVID (see docs/pipeline.md)
+    snakemake --cores all                      # default: the miniature datasets, CPU, a few minutes
+    snakemake --cores all --config datasets=[fcvid]   # real FCVID, its files in data/fcvid (docs/pipeline.md)
     snakemake --report report.html             # HTML report with the table and figures
 
 Every rule runs `conmh pipeline STEP ...` (conmh/pipeline/steps.py), as every
@@ -14,7 +14,7 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version
 
-from conmh.datasets import DATASETS, get_layout
+from conmh.datasets import get_layout
 from conmh.errors import ConfigError
 from conmh.methods import method_file
 from conmh.pipeline import config as settings

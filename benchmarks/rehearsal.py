@@ -11,7 +11,7 @@
    (``conmh.synthetic.make_release_sized``). Data of an earlier run with the
    same sizes and seed is reused (the table then shows that run's figures).
 2. Runs every job of the pipeline for them at 64 bits, one after the other:
-   ``download`` (real source: the files are there), ``verify --real``, then
+   ``download`` (a release: the files are there), ``verify --real``, then
    for each method of config.yaml's ``methods`` its ``fit`` (ConMH's: training
    with the paper's recipe and batch size, ``small`` preset, float32 on the
    CPU, ``--epochs`` epochs; FCVID's 19 GB training array is streamed), its
@@ -205,13 +205,14 @@ def pipeline_config(out: Path, datasets: list[str], kind: str, epochs: int, thre
         checkpoints={},
         # FCVID's streamed training at batch 512 within 4 GB of RSS (README: memory)
         activation_checkpointing=True,
-        paths={k: str(run / k) for k in ("data", "work", "results", "logs")},
+        # the releases' stand-ins are generated into OUT/data/<dataset>, where the steps read them
+        paths={"data": str(out / "data"), **{k: str(run / k) for k in ("work", "results", "logs")}},
     )
     for d in datasets:
         recipe = dict(cfg[d]["recipe"], epochs=epochs)  # changes to the paper's recipe
         if kind == "tiny":
             recipe["batch_size"] = TINY["batch_size"]
-        cfg[d] = dict(cfg[d], source="real", data_dir=str(out / "data" / d), sha256={}, recipe=recipe)
+        cfg[d] = dict(cfg[d], sha256={}, recipe=recipe)
     return check_config(cfg, "the rehearsal's configuration")
 
 

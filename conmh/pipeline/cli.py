@@ -5,11 +5,13 @@ step reads the configuration (``config.yaml`` by default) and calls the
 function of the same name in ``conmh.pipeline.steps``::
 
     conmh pipeline download --dataset fcvid
-    conmh pipeline miniature --dataset fcvid   (DVC only)
+    conmh pipeline miniature --dataset fcvid-mini   (DVC only)
     conmh pipeline verify   --dataset fcvid
     conmh pipeline fit      --method conmh --dataset fcvid --bits 64 [--threads 8]
     conmh pipeline encode   --method conmh --dataset fcvid --bits 64 [--threads 8]
     conmh pipeline evaluate --method conmh --dataset fcvid --bits 64
+
+A dataset is a release (fcvid, activitynet, yfcc) or its miniature (fcvid-mini ...).
     conmh pipeline report
 
 Exit codes as ``conmh``: 0 ok, 1 bug, 2 usage, 3 bad input or configuration,
@@ -25,7 +27,6 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..datasets import DATASETS
 from ..errors import exit_status
 
 STEPS = ("download", "miniature", "verify", "fit", "encode", "evaluate", "report")
@@ -42,12 +43,13 @@ NEEDS = {  # the options each step needs
 
 def build_parser() -> argparse.ArgumentParser:
     from .. import methods
+    from .config import dataset_names
 
     parser = argparse.ArgumentParser(
         prog="conmh pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("step", choices=STEPS)
-    parser.add_argument("--dataset", choices=DATASETS)
+    parser.add_argument("--dataset", choices=dataset_names())
     parser.add_argument("--bits", type=int)
     parser.add_argument("--method", choices=methods.names(), help="fit, encode, evaluate: the method (conmh/methods/)")
     parser.add_argument("--threads", type=int, help="fit, encode: torch threads (default: config's threads)")
@@ -87,11 +89,9 @@ def output_to(log: Path) -> Iterator[None]:
 
 def run_step(args: argparse.Namespace) -> int:
     from . import steps
-    from .config import check_dvc_view, load_config
+    from .config import load_config
 
     cfg = load_config(args.config)
-    if os.environ.get("DVC_STAGE"):  # run by `dvc repro` / `dvc exp run`
-        check_dvc_view(cfg, str(args.config))
     step = getattr(steps, args.step)
     if args.step == "report":
         return step(cfg)

@@ -10,7 +10,6 @@ dataset's ``recipe`` holds only the values the user changes, over
 from __future__ import annotations
 
 import copy
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,15 +25,14 @@ SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
 def load_schema() -> dict:
     """config.schema.yaml with the names it takes from the package: datasets, presets and methods."""
     from .. import methods
-    from ..datasets import DATASETS
     from ..presets import PRESETS
 
     schema = yaml.safe_load(SCHEMA_PATH.read_text(encoding="utf-8"))
-    schema["$defs"]["dataset_name"]["enum"] = list(DATASETS)
+    schema["$defs"]["dataset_name"]["enum"] = list(dataset_names())
+    schema["$defs"]["miniature_name"]["enum"] = [d for d in dataset_names() if not is_real(d)]
     schema["$defs"]["preset_name"]["enum"] = list(PRESETS)
     schema["$defs"]["method_name"]["enum"] = methods.names()
-    schema["properties"].update({d: {"$ref": "#/$defs/dataset"} for d in DATASETS})
-    schema["required"] += list(DATASETS)
+    schema["properties"].update({d: {"$ref": "#/$defs/dataset"} for d in dataset_names()})
     return schema
 
 
@@ -118,6 +116,17 @@ def check_config(cfg: dict, source: str = "config.yaml") -> dict:
             for m in cfg["methods"]
             if m not in cfg["options"]
         ]
+        problems += [
+            f"{d}: missing; give every dataset of `datasets` a section, e.g. {d}: {{sha256: {{}}, recipe: {{}}}} "
+            "(dvc.yaml tracks each)"
+            for d in cfg["datasets"]
+            if d not in cfg
+        ]
+        problems += [
+            f"{d}.sha256: a miniature is generated, not released: it has no file sums to check; leave it {{}}"
+            for d in dataset_names()
+            if d in cfg and not is_real(d) and cfg[d]["sha256"]
+        ]
         for dataset, by_bits in cfg["checkpoints"].items():
             for bits in by_bits:
                 if int(bits) not in cfg["bits"]:
@@ -147,6 +156,31 @@ def load_config(path: str | Path = "config.yaml") -> dict:
     return check_config(raw, str(path))
 
 
+# --------------------------------------------------------------------------- dataset names
+
+# A miniature is a dataset of its own name: the layout's name and this suffix ("fcvid-mini"). Its files
+# are a seeded synthetic stand-in in the release's layout, generated into its own folder, so that it
+# never shares a folder (or a result path) with the real release.
+MINIATURE_SUFFIX = "-mini"
+
+
+def dataset_names() -> tuple[str, ...]:
+    """Every dataset the pipeline can run: the paper's three releases, then their miniatures."""
+    from ..datasets import DATASETS
+
+    return (*DATASETS, *(d + MINIATURE_SUFFIX for d in DATASETS))
+
+
+def is_real(dataset: str) -> bool:
+    """A released dataset (its files put in place by the user), not a generated miniature."""
+    return not dataset.endswith(MINIATURE_SUFFIX)
+
+
+def layout_of(dataset: str) -> str:
+    """The name of the dataset's file layout in conmh.datasets, which the library functions take."""
+    return dataset.removesuffix(MINIATURE_SUFFIX)
+
+
 # --------------------------------------------------------------------------- what reruns a step
 
 # The configuration keys each step's result depends on: changing one reruns the step (Snakemake: the
@@ -154,11 +188,9 @@ def load_config(path: str | Path = "config.yaml") -> dict:
 # this). "{dataset}" and "{method}" are the job's. The report depends on the whole configuration
 # (its provenance lists every key).
 STEP_KEYS = {
-    "download": ("{dataset}.source", "{dataset}.data_dir", "{dataset}.sha256", "miniature.seed", "miniature.sizes"),
+    "download": ("{dataset}.sha256", "miniature.seed", "miniature.sizes"),
     "verify": ("verify_checksums",),
     "fit": (
-        "{dataset}.source",
-        "{dataset}.data_dir",
         "{dataset}.recipe",
         "miniature.preset",
         "miniature.device",
@@ -176,8 +208,6 @@ STEP_KEYS = {
         "options.{method}",
     ),
     "encode": (
-        "{dataset}.source",
-        "{dataset}.data_dir",
         "miniature.preset",
         "miniature.device",
         "preset",
@@ -204,44 +234,38 @@ def step_settings(cfg: dict, step: str, dataset: str, method: str = "") -> dict[
 # --------------------------------------------------------------------------- what one run uses
 
 
-def is_real(cfg: dict, dataset: str) -> bool:
-    return cfg[dataset]["source"] == "real"
-
-
 def data_dir(cfg: dict, dataset: str) -> str:
-    """Where the dataset's files are read from: the miniature folder or the configured real folder."""
-    if is_real(cfg, dataset):
-        return cfg[dataset]["data_dir"]
-    return Layout.of(cfg).miniature_dir(dataset)
+    """Where the dataset's files are: ``<paths.data>/<dataset>`` (Layout.data_dir)."""
+    return Layout.of(cfg).data_dir(dataset)
 
 
 def recipe_changes(cfg: dict, dataset: str) -> dict:
     """The recipe values that differ from the paper's (conmh.recipes): the dataset's own, then the
     miniature overrides for a miniature."""
     out = dict(cfg[dataset]["recipe"])
-    if not is_real(cfg, dataset):
+    if not is_real(dataset):
         out.update(cfg["miniature"]["train"])
     return out
 
 
 def preset(cfg: dict, dataset: str) -> str:
-    return cfg["preset"] if is_real(cfg, dataset) else cfg["miniature"]["preset"]
+    return cfg["preset"] if is_real(dataset) else cfg["miniature"]["preset"]
 
 
 def device(cfg: dict, dataset: str) -> str:
-    return cfg["device"] if is_real(cfg, dataset) else cfg["miniature"]["device"]
+    return cfg["device"] if is_real(dataset) else cfg["miniature"]["device"]
 
 
 def eval_every(cfg: dict, dataset: str) -> int:
     """Evaluate the held-out split every N epochs of training (0: never)."""
-    return cfg["eval_every"] if is_real(cfg, dataset) else cfg["miniature"]["eval_every"]
+    return cfg["eval_every"] if is_real(dataset) else cfg["miniature"]["eval_every"]
 
 
 def uses_gpu(cfg: dict, dataset: str, method: str = "conmh") -> bool:
     """Whether a fit/encode job of ``method`` on ``dataset`` holds GPUs (a Snakemake resource)."""
     from .. import methods
 
-    return methods.uses_gpu(method) and device(cfg, dataset) != "cpu" and is_real(cfg, dataset)
+    return methods.uses_gpu(method) and device(cfg, dataset) != "cpu" and is_real(dataset)
 
 
 def method_options(cfg: dict, method: str, dataset: str) -> dict:
@@ -316,35 +340,3 @@ def model_for(cfg: dict, method: str, dataset: str, bits: Any) -> str:
     """The model that ``encode`` reads: a released ConMH checkpoint, or the pipeline's own fit."""
     released = released_checkpoint(cfg, dataset, bits) if method == "conmh" else None
     return released or Layout.of(cfg).model(method, dataset, bits)
-
-
-# --------------------------------------------------------------------------- DVC's copy of the data folders
-
-
-def dvc_view_problems(cfg: dict) -> list[str]:
-    """How ``dvc_data_dirs`` (dvc.yaml's per-dataset data folders) disagrees with ``datasets`` and the dataset
-    sections; empty when it agrees. DVC cannot interpolate ``${${item.dataset}.data_dir}``, so dvc.yaml's
-    download stages iterate over this copy, and every DVC stage checks it (``conmh pipeline`` under DVC)."""
-    want = {d: data_dir(cfg, d) for d in cfg["datasets"]}
-    have = cfg["dvc_data_dirs"]
-    if set(have) == set(want) and all(os.path.normpath(have[d]) == os.path.normpath(want[d]) for d in want):
-        return []
-    problems = [f"{d}: missing; its files are in {want[d]}" for d in want if d not in have]
-    problems += [f"{d}: not among datasets {cfg['datasets']}; remove it" for d in have if d not in want]
-    problems += [
-        f"{d}: {have[d]}, but its files are in {want[d]} (source: {cfg[d]['source']})"
-        for d in want
-        if d in have and os.path.normpath(have[d]) != os.path.normpath(want[d])
-    ]
-    return problems
-
-
-def check_dvc_view(cfg: dict, source: str = "config.yaml") -> None:
-    """ConfigError with the ``dvc_data_dirs`` to write when it disagrees with the rest of the configuration."""
-    problems = dvc_view_problems(cfg)
-    if problems:
-        wanted = "\n".join(f"  {d}: {data_dir(cfg, d)}" for d in cfg["datasets"])
-        raise ConfigError(
-            f"{source}: dvc_data_dirs, the data folders dvc.yaml's stages depend on, disagrees with the "
-            "configuration:\n" + "\n".join(f"  - {p}" for p in problems) + f"\nSet it to:\ndvc_data_dirs:\n{wanted}"
-        )

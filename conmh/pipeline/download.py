@@ -1,11 +1,11 @@
 """The ``download`` step: make sure every file of a dataset is in its folder, and record it.
 
-* miniature: generate the seeded synthetic stand-in with
+* a miniature (``fcvid-mini``): generate the seeded synthetic stand-in with
   ``conmh.synthetic.make_miniature`` (skipped when the folder already holds
   exactly what the manifest recorded for the same seed and sizes).
-* real: the released features are on Baidu disk, which no script can fetch;
-  the user puts them in the folder (by hand, a link, ``dvc add``, or ``dvc
-  import-url`` from a lab's own mirror: docs/pipeline.md). The step checks
+* a release (``fcvid``): the released features are on Baidu disk, which no
+  script can fetch; the user puts them in ``data/<dataset>/`` (by hand, a link,
+  ``dvc add``, or ``dvc import-url`` from a lab's own mirror: docs/pipeline.md). The step checks
   that every file is there and, where configured, its sha256. A missing file
   stops it with the list of files to get, from where and where to put them
   (``MissingDataError``, exit code 4); a wrong sum names the file and both sums.
@@ -23,6 +23,7 @@ from pathlib import Path
 from ..checksums import file_sha256 as sha256_of
 from ..datasets import DatasetLayout, get_layout
 from ..errors import DataError, MissingDataError
+from .config import layout_of
 
 UPSTREAM = "https://github.com/huangmozhi9527/ConMH"
 CHUNK = 1 << 20
@@ -54,15 +55,16 @@ def miniature(dataset: str, data_dir: Path, manifest: Path, seed: int, sizes: di
 
     from ..synthetic import MINIATURE_DEFAULTS, make_miniature
 
-    spec = replace(MINIATURE_DEFAULTS[dataset], **sizes)
-    names = [f for _, f, _ in get_layout(dataset).all_files()]
+    layout = layout_of(dataset)
+    spec = replace(MINIATURE_DEFAULTS[layout], **sizes)
+    names = [f for _, f, _ in get_layout(layout).all_files()]
     wanted = {"dataset": dataset, "source": "miniature", "seed": seed, "spec": asdict(spec)}
     old = read_manifest(manifest)
     if old and {k: old.get(k) for k in wanted} == wanted and _files_match(data_dir, old.get("files", [])):
         print(f"{dataset}: miniature in {data_dir} is up to date", file=sys.stderr)
         return old
     print(f"{dataset}: generating the miniature (seed {seed}, {spec}) in {data_dir}", file=sys.stderr)
-    written = make_miniature(dataset, data_dir, seed=seed, spec=spec)
+    written = make_miniature(layout, data_dir, seed=seed, spec=spec)
     missing = sorted(set(names) - {p.name for p in written})
     if missing:
         raise DataError(f"{dataset}: make_miniature did not write {missing}")
@@ -132,8 +134,8 @@ def instructions(dataset: str, data_dir: Path, missing: list[str], layout) -> st
         f"  ({layout.name}: {layout.real_counts['train']} train / {layout.real_counts['database']} database videos, "
         f"{layout.frames} frames x {layout.feature_dim} dims).",
         "Then either",
-        f"  - put the files in {data_dir}/ (or set {dataset}.data_dir to the folder that holds them), or",
+        f"  - put the files in {data_dir}/ (or make {data_dir} a link to the folder that holds them), or",
         f"  - fetch them from your lab's own copy with `dvc import-url URL {data_dir}/FILE` (docs/pipeline.md),",
-        f"and run the pipeline again. To run the synthetic stand-in instead, set {dataset}.source: miniature.",
+        f"and run the pipeline again. To run the synthetic stand-in instead, list {dataset}-mini in datasets.",
     ]
     return "\n".join(lines)

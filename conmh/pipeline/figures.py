@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..atomic import atomic_path
-from .paper import DISPLAY, PAPER, PAPER_KS, label
+from .paper import PAPER, PAPER_KS, display, label
 
 TRAINING_MAP_K = 20  # the K of the held-out mAP drawn beside the loss (conmh.metrics.KS, evaluated while training)
 PER_CLASS_K = 20  # the K of the per-class figure (the largest configured K when 20 is not)
@@ -24,7 +24,7 @@ STYLES = {"conmh": ("", "solid"), "itq": ((1, 1.5), "dotted"), "lsh": ((4, 2), "
 OTHER_DASHES = [(3, 1, 1, 1), (6, 2, 1, 2), (2, 2), (8, 2)]
 
 
-def figure_map(long: pd.DataFrame, sources: dict[str, str], path: Path, names: dict[str, str]) -> None:
+def figure_map(long: pd.DataFrame, datasets: list[str], path: Path, names: dict[str, str]) -> None:
     """A panel per dataset, a colour per code length, a line style per method (``names``: method -> display)."""
     import matplotlib.pyplot as plt
     import seaborn as sns
@@ -32,11 +32,11 @@ def figure_map(long: pd.DataFrame, sources: dict[str, str], path: Path, names: d
     others = iter(OTHER_DASHES * len(names))
     dashes = {name: STYLES[m][0] if m in STYLES else next(others) for m, name in names.items()}
     df = long.assign(
-        panel=[label(d, sources) for d in long["dataset"]],
+        panel=[label(d) for d in long["dataset"]],
         method=long["method"].map(names),
         bits=long["bits"].map(lambda b: f"{b} bits"),
     )
-    order = [label(d, sources) for d in sources if d in set(long["dataset"])]
+    order = [label(d) for d in datasets if d in set(long["dataset"])]
     bits_order = [f"{b} bits" for b in sorted(long["bits"].unique())]
     grid = sns.relplot(
         data=df,
@@ -118,21 +118,21 @@ def figure_per_class(per_class: pd.DataFrame, k: int, path: Path) -> None:
     plt.close(grid.figure)
 
 
-def figure_paper(long: pd.DataFrame, sources: dict[str, str], path: Path) -> None:
+def figure_paper(long: pd.DataFrame, datasets: list[str], path: Path) -> None:
     import matplotlib.pyplot as plt
     import seaborn as sns
 
     rows = []
     for (dataset, bits), values in PAPER.items():
-        if sources.get(dataset) != "real":
+        if dataset not in datasets:  # the releases run (PAPER's datasets are releases)
             continue
         ours = long[(long["dataset"] == dataset) & (long["bits"] == bits) & (long["method"] == "conmh")]
         ours = dict(zip(ours["k"], ours["map"]))
         for k, paper in zip(PAPER_KS, values):
             if k in ours:
                 rows += [
-                    {"dataset": DISPLAY[dataset], "bits": f"{bits} bits", "K": k, "who": "ours", "mAP": ours[k]},
-                    {"dataset": DISPLAY[dataset], "bits": f"{bits} bits", "K": k, "who": "paper", "mAP": paper},
+                    {"dataset": display(dataset), "bits": f"{bits} bits", "K": k, "who": "ours", "mAP": ours[k]},
+                    {"dataset": display(dataset), "bits": f"{bits} bits", "K": k, "who": "paper", "mAP": paper},
                 ]
     if not rows:
         raise ValueError("no real-data result at the paper's code lengths and K: figures_of() leaves this figure out")
@@ -158,7 +158,7 @@ def figure_paper(long: pd.DataFrame, sources: dict[str, str], path: Path) -> Non
 
 def figure_loss(
     logs: pd.DataFrame,
-    sources: dict[str, str],
+    datasets: list[str],
     path: Path,
     held_out: pd.DataFrame | None = None,
     k: int = TRAINING_MAP_K,
@@ -172,13 +172,13 @@ def figure_loss(
         raise ValueError("no training logs: figures_of() leaves this figure out")
     parts = [c for c in ("loss", "recon", "contrast") if c in logs.columns]
     df = logs.melt(id_vars=["dataset", "bits", "epoch"], value_vars=parts, var_name="term", value_name="value")
-    df["panel"] = [label(d, sources) for d in df["dataset"]]
+    df["panel"] = [label(d) for d in df["dataset"]]
     if held_out is not None and not held_out.empty:
         term = f"held-out mAP@{k}"
         df = pd.concat([df, held_out.rename(columns={"dataset": "panel", "mAP": "value"}).assign(term=term)])
         parts.append(term)
     df["bits"] = df["bits"].map(lambda b: f"{b} bits")
-    order = [label(d, sources) for d in sources if d in set(logs["dataset"])]
+    order = [label(d) for d in datasets if d in set(logs["dataset"])]
     grid = sns.relplot(
         data=df,
         kind="line",

@@ -9,7 +9,7 @@ import csv
 from importlib import resources
 from io import StringIO
 
-from .config import is_real, runs, trained_runs
+from .config import is_real, layout_of, runs, trained_runs
 
 
 def _paper_rows() -> list[dict[str, str]]:
@@ -33,16 +33,21 @@ def method_names(methods: list[str]) -> dict[str, str]:
     return {m: registry.get(m).DISPLAY for m in methods}
 
 
-def label(dataset: str, sources: dict[str, str]) -> str:
-    """A dataset's name in tables and figures, marked when its data is synthetic."""
-    return DISPLAY[dataset] + ("" if sources.get(dataset) == "real" else " (synthetic)")
+def display(dataset: str) -> str:
+    """The name of a dataset's release in tables ("FCVID" for fcvid and fcvid-mini)."""
+    return DISPLAY[layout_of(dataset)]
+
+
+def label(dataset: str) -> str:
+    """A dataset's name in figures, marked when its data is synthetic."""
+    return display(dataset) + ("" if is_real(dataset) else " (synthetic)")
 
 
 def figures_of(cfg: dict) -> tuple[str, ...]:
     """The figures a run draws. A figure with nothing to show is left out (the report says why):
     ours_vs_paper needs a real dataset at one of the paper's code lengths and K values; loss_curves
     needs a trained run."""
-    compared = any(is_real(cfg, d) and (d, b) in PAPER and set(cfg["ks"]) & set(PAPER_KS) for d, b in runs(cfg))
+    compared = any(is_real(d) and (d, b) in PAPER and set(cfg["ks"]) & set(PAPER_KS) for d, b in runs(cfg))
     return (
         ("map_at_k", "pr_curves", "per_class")
         + (("ours_vs_paper",) if compared else ())

@@ -22,8 +22,10 @@ class Layout:
         p = cfg["paths"]
         return cls(*(p[k].rstrip("/") for k in ("data", "work", "results", "logs")))
 
-    def miniature_dir(self, dataset: str) -> str:
-        return f"{self.data}/miniature/{dataset}"
+    def data_dir(self, dataset: str) -> str:
+        """Where a dataset's files are: a folder named after it (a miniature is generated there; real
+        files are put there by the user, by a link, `dvc add` or `dvc import-url`)."""
+        return f"{self.data}/{dataset}"
 
     def download_done(self, dataset: str) -> str:
         """A flag in the (uncommitted) data folder: a fresh clone, which has the committed

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .config import is_real
 from .paths import Layout
 
 
@@ -36,7 +37,7 @@ def data_table(cfg: dict) -> pd.DataFrame:
             rows.append(
                 {
                     "dataset": d,
-                    "source": cfg[d]["source"],
+                    "source": "real" if is_real(d) else "miniature",
                     "folder": report.get("data_dir", ""),
                     "file": f["file"],
                     "key": f.get("key", ""),

@@ -47,13 +47,13 @@ def write_report(cfg: dict) -> None:
     matplotlib.use("Agg")
     lay = Layout.of(cfg)
     files = {name: Path(path) for name, path in lay.report_files(figures_of(cfg)).items()}
-    sources = {d: cfg[d]["source"] for d in cfg["datasets"]}
+    datasets = cfg["datasets"]
     released = {(d, b) for d, b in runs(cfg) if released_checkpoint(cfg, d, b) is not None}
     names = method_names(cfg["methods"])
     logs = tables.load_logs({(d, b): Path(lay.fit_log("conmh", d, b)) for d, b in trained_runs(cfg)})
-    details = tables.load_details([Path(lay.metrics(m, d, b)) for m, d, b in method_runs(cfg)])
+    details = tables.load_details({(d, m, b): Path(lay.metrics(m, d, b)) for m, d, b in method_runs(cfg)})
     long = tables.long_table(details)
-    table = tables.build_table(long, sources, released, methods=cfg["methods"])
+    table = tables.build_table(long, datasets, released, methods=cfg["methods"])
     markdown = tables.to_markdown(table)
     csv = {"float_format": "%.6f", "index": False}
     write_text_atomic(files["table_csv"], table.to_csv(**csv))
@@ -61,11 +61,11 @@ def write_report(cfg: dict) -> None:
     write_text_atomic(files["table_tex"], tables.to_latex(table))
     for (dataset, method, bits), values in tables.summary(long, details).items():
         write_text_atomic(lay.summary(method, dataset, bits), json.dumps(values, indent=1) + "\n")
-    write_text_atomic(files["curves"], tables.curves(long, sources, names).to_csv(**csv))
-    write_text_atomic(files["loss"], tables.loss_table(logs, sources).to_csv(**csv))
-    held_out = tables.training_map(logs, sources, figures.TRAINING_MAP_K)
+    write_text_atomic(files["curves"], tables.curves(long, datasets, names).to_csv(**csv))
+    write_text_atomic(files["loss"], tables.loss_table(logs, datasets).to_csv(**csv))
+    held_out = tables.training_map(logs, datasets, figures.TRAINING_MAP_K)
     write_text_atomic(files["train_map"], held_out.to_csv(**csv))
-    pr = tables.pr_table(details, sources, names)
+    pr = tables.pr_table(details, datasets, names)
     write_text_atomic(files["pr"], pr.to_csv(**csv))
     made = {
         "runtimes": (
@@ -94,12 +94,12 @@ def write_report(cfg: dict) -> None:
         files["table_html"],
         provenance.html_page("mAP@K", [("", " ".join(tables.table_notes(table)), tables.formatted(table))]),
     )
-    figures.figure_map(long, sources, files["fig_map_at_k"], names)
+    figures.figure_map(long, datasets, files["fig_map_at_k"], names)
     figures.figure_pr(pr, files["fig_pr_curves"])
     k = figures.PER_CLASS_K if figures.PER_CLASS_K in cfg["ks"] else max(cfg["ks"])
-    figures.figure_per_class(tables.per_class_table(details, sources, k, names), k, files["fig_per_class"])
+    figures.figure_per_class(tables.per_class_table(details, datasets, k, names), k, files["fig_per_class"])
     if "fig_ours_vs_paper" in files:
-        figures.figure_paper(long, sources, files["fig_ours_vs_paper"])
+        figures.figure_paper(long, datasets, files["fig_ours_vs_paper"])
     if "fig_loss_curves" in files:
-        figures.figure_loss(logs, sources, files["fig_loss_curves"], held_out, figures.TRAINING_MAP_K)
+        figures.figure_loss(logs, datasets, files["fig_loss_curves"], held_out, figures.TRAINING_MAP_K)
     print(markdown)

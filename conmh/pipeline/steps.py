@@ -26,6 +26,7 @@ from .config import (
     device,
     eval_every,
     is_real,
+    layout_of,
     method_options,
     model_for,
     preset,
@@ -50,7 +51,7 @@ def _set_threads(threads: int | None) -> None:
 def download(cfg: dict, dataset: str) -> int:
     """Generate the miniature, or check that the real release's files are there; write the manifest."""
     folder, manifest = Path(data_dir(cfg, dataset)), Path(Layout.of(cfg).manifest(dataset))
-    if is_real(cfg, dataset):
+    if is_real(dataset):
         sums = {name: digest.lower() for name, digest in cfg[dataset]["sha256"].items()}
         result = data_files.real(dataset, folder, manifest, sums)
     else:
@@ -62,12 +63,16 @@ def download(cfg: dict, dataset: str) -> int:
 
 
 def miniature(cfg: dict, dataset: str) -> int:
-    """Generate the dataset's miniature (DVC only: a cached output that its download stage depends on).
+    """Generate a miniature into its folder (DVC only: a cached output, which its download stage depends on;
+    DVC cannot have a stage write a folder that is its own dependency). Snakemake's download step
+    generates a miniature itself."""
+    if is_real(dataset):
+        from ..errors import ConfigError
 
-    dvc.yaml runs it for every dataset, as a DVC matrix cannot leave out the real ones;
-    Snakemake's download step generates a miniature itself.
-    """
-    folder = Path(Layout.of(cfg).miniature_dir(dataset))
+        raise ConfigError(
+            f"{dataset} is a released dataset, not a miniature: its files are put in place, not generated"
+        )
+    folder = Path(data_dir(cfg, dataset))
     sizes = cfg["miniature"]["sizes"].get(dataset, {})
     result = data_files.miniature(
         dataset, folder, Path(Layout.of(cfg).manifest(dataset)), cfg["miniature"]["seed"], sizes
@@ -81,7 +86,7 @@ def verify(cfg: dict, dataset: str) -> int:
     from ..verify import verify_dataset
 
     folder = data_dir(cfg, dataset)
-    report = verify_dataset(dataset, folder, real=is_real(cfg, dataset), checksums=cfg["verify_checksums"])
+    report = verify_dataset(layout_of(dataset), folder, real=is_real(dataset), checksums=cfg["verify_checksums"])
     write_text_atomic(Layout.of(cfg).verify_report(dataset), json.dumps(report, indent=2) + "\n")
     print(f"{dataset}: {len(report['files'])} files OK in {folder}", file=sys.stderr)
     return 0
@@ -93,7 +98,7 @@ def train_command(cfg: dict, dataset: str, bits: int) -> list[str]:
         "conmh",
         "train",
         "--dataset",
-        dataset,
+        layout_of(dataset),
         "--data-dir",
         data_dir(cfg, dataset),
         "--bits",
@@ -107,7 +112,7 @@ def train_command(cfg: dict, dataset: str, bits: int) -> list[str]:
         argv += [cli_flag(key), str(value)]
     if eval_every(cfg, dataset):
         argv += ["--eval-every", str(eval_every(cfg, dataset))]
-    if is_real(cfg, dataset):
+    if is_real(dataset):
         argv += ["--precision", cfg["precision"]]
         if cfg["activation_checkpointing"]:
             argv.append("--activation-checkpointing")
@@ -128,7 +133,7 @@ def fit(cfg: dict, method: str, dataset: str, bits: int, threads: int | None = N
     model_file = lay.model(method, dataset, bits)
     with on_free_gpus(1 if uses_gpu(cfg, dataset, method) else 0):
         methods.get(method).fit(
-            dataset, data_dir(cfg, dataset), bits, model_file, **method_options(cfg, method, dataset)
+            layout_of(dataset), data_dir(cfg, dataset), bits, model_file, **method_options(cfg, method, dataset)
         )
     # No epochs, no loss curve: the log names the model, so that a refit with another result differs.
     write_text_atomic(lay.fit_log(method, dataset, bits), json.dumps({"model_sha256": file_sha256(model_file)}) + "\n")
@@ -147,7 +152,7 @@ def train(cfg: dict, dataset: str, bits: int, threads: int | None = None) -> int
     nproc, nnodes = cfg["distributed"]["nproc_per_node"], cfg["distributed"]["nnodes"]
     cmd = train_command(cfg, dataset, bits) + (["--threads", str(threads)] if threads else [])
     launch_command(cmd, nproc, nnodes, dict(os.environ))  # refuse a bad launch before touching the folder
-    if prepare_train_dir(out_dir, cmd, is_real(cfg, dataset) and cfg["resume"], world_size(cfg)):
+    if prepare_train_dir(out_dir, cmd, is_real(dataset) and cfg["resume"], world_size(cfg)):
         print(f"job: reusing the checkpoint of the same run in {out_dir}", file=sys.stderr, flush=True)
         cmd.append("--resume")
     gpus_per_node = nproc if uses_gpu(cfg, dataset) else 0
@@ -187,7 +192,7 @@ def encode(cfg: dict, method: str, dataset: str, bits: int, threads: int | None 
     model, out = model_for(cfg, method, dataset, bits), Layout.of(cfg).codes(method, dataset, bits)
     with on_free_gpus(1 if uses_gpu(cfg, dataset, method) else 0):
         codes = methods.get(method).encode(
-            model, dataset, data_dir(cfg, dataset), bits, **method_options(cfg, method, dataset)
+            model, layout_of(dataset), data_dir(cfg, dataset), bits, **method_options(cfg, method, dataset)
         )
     write_codes(out, codes)
     print(

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .paper import DISPLAY, PAPER, PAPER_KS, label, method_names
+from .config import is_real
+from .paper import PAPER, PAPER_KS, display, label, method_names
 
 ROW_OURS, ROW_PAPER, ROW_DIFF = "ConMH (ours)", "ConMH (paper)", "ours - paper"
 
@@ -27,13 +28,10 @@ def col(k: int) -> str:
     return f"mAP@{k}"
 
 
-def load_details(paths: list[Path]) -> dict[tuple[str, str, int], dict]:
-    """Every metrics file by (dataset, method, bits), read once: mAP@K and the measures beyond it."""
-    out = {}
-    for path in paths:
-        m = json.loads(Path(path).read_text(encoding="utf-8"))
-        out[m["dataset"], m["method"], int(m["bits"])] = m
-    return out
+def load_details(paths: dict[tuple[str, str, int], Path]) -> dict[tuple[str, str, int], dict]:
+    """Every metrics file by the pipeline's (dataset, method, bits), read once: mAP@K and the measures beyond
+    it. Keyed by the run, not by the file's own ``dataset``, which names the layout (fcvid for fcvid-mini)."""
+    return {run: json.loads(Path(path).read_text(encoding="utf-8")) for run, path in paths.items()}
 
 
 def names_of(methods: list[str] | None, long: pd.DataFrame) -> dict[str, str]:
@@ -65,14 +63,14 @@ def load_logs(logs: dict[tuple[str, int], Path]) -> pd.DataFrame:
 
 def build_table(
     long: pd.DataFrame,
-    sources: dict[str, str],
+    datasets: list[str],
     released: set[tuple[str, int]] = frozenset(),
     ks: tuple[int, ...] = PAPER_KS,
     methods: list[str] | None = None,
 ) -> pd.DataFrame:
     """The paper's table: a row per dataset x bits x {each method, paper, difference}.
 
-    Datasets keep the order of ``sources``, methods that of ``methods`` (see
+    Datasets keep the order of ``datasets``, methods that of ``methods`` (see
     :func:`names_of`); paper and difference rows appear only for real
     datasets at the paper's code lengths, where ConMH was run.
     """
@@ -80,8 +78,8 @@ def build_table(
     names = names_of(methods, long)
     wide = long.pivot_table(index=["dataset", "bits", "method"], columns="k", values="map")
     rows = []
-    for dataset, source in sources.items():
-        real = source == "real"
+    for dataset in datasets:
+        real = is_real(dataset)
         for bits in sorted(long.loc[long["dataset"] == dataset, "bits"].unique()):
             bits = int(bits)
 
@@ -89,7 +87,7 @@ def build_table(
                 key = (dataset, bits, method)
                 return [wide.loc[key, k] if key in wide.index else float("nan") for k in ks]
 
-            head = {"dataset": DISPLAY[dataset], "data": "real" if real else "synthetic", "bits": bits}
+            head = {"dataset": display(dataset), "data": "real" if real else "synthetic", "bits": bits}
             for method, name in names.items():
                 if method == "conmh":
                     row = ROW_RELEASED if (dataset, bits) in released else ROW_OURS
@@ -118,12 +116,12 @@ def summary(long: pd.DataFrame, details: dict[tuple[str, str, int], dict]) -> di
     return out
 
 
-def pr_table(details: dict[tuple[str, str, int], dict], sources: dict[str, str], names: dict[str, str]) -> pd.DataFrame:
+def pr_table(details: dict[tuple[str, str, int], dict], datasets: list[str], names: dict[str, str]) -> pd.DataFrame:
     """Precision and recall at every Hamming radius, long form (dataset, method, bits, radius, precision,
     recall), for ``dvc plots`` and the figure; methods by their ``names`` (method -> display), in that order."""
     rows = [
-        (label(d, sources), names[m], b, r, p, rc)
-        for d in sources
+        (label(d), names[m], b, r, p, rc)
+        for d in datasets
         for (dd, m, b), metrics in sorted(details.items(), key=lambda kv: (kv[0][2], list(names).index(kv[0][1])))
         if dd == d and "pr_curve" in metrics
         for r, p, rc in zip(*(metrics["pr_curve"][c] for c in ("radius", "precision", "recall")))
@@ -132,13 +130,13 @@ def pr_table(details: dict[tuple[str, str, int], dict], sources: dict[str, str],
 
 
 def per_class_table(
-    details: dict[tuple[str, str, int], dict], sources: dict[str, str], k: int, names: dict[str, str]
+    details: dict[tuple[str, str, int], dict], datasets: list[str], k: int, names: dict[str, str]
 ) -> pd.DataFrame:
     """mAP@k of every class that has queries, at each dataset's longest code length (long form: dataset,
     method, class, queries, mAP); ``rank`` orders the classes by the value of ``ranked_by``, the first
     method of ``names`` that was run (ConMH by default), best first."""
     frames = []
-    for d in sources:
+    for d in datasets:
         runs_of = {(m, b): v for (dd, m, b), v in details.items() if dd == d and "per_class_map" in v}
         if not runs_of:
             continue
@@ -150,7 +148,7 @@ def per_class_table(
             frames.append(
                 pd.DataFrame(
                     {
-                        "dataset": f"{label(d, sources)}, {bits} bits",
+                        "dataset": f"{label(d)}, {bits} bits",
                         "method": names[m],
                         "class": range(len(per_class["n_queries"])),
                         "queries": per_class["n_queries"],
@@ -170,13 +168,13 @@ def per_class_table(
     return df[columns]
 
 
-def curves(long: pd.DataFrame, sources: dict[str, str], names: dict[str, str]) -> pd.DataFrame:
+def curves(long: pd.DataFrame, datasets: list[str], names: dict[str, str]) -> pd.DataFrame:
     """mAP@K in long form, labelled for the plot (for ``dvc plots``)."""
-    order = {d: i for i, d in enumerate(sources)}
+    order = {d: i for i, d in enumerate(datasets)}
     df = long.assign(order=long["dataset"].map(order)).sort_values(["order", "method", "bits", "k"])
     return pd.DataFrame(
         {
-            "dataset": [label(d, sources) for d in df["dataset"]],
+            "dataset": [label(d) for d in df["dataset"]],
             "method": df["method"].map(names).to_numpy(),
             "bits": df["bits"].to_numpy(),
             "k": df["k"].to_numpy(),
@@ -185,23 +183,23 @@ def curves(long: pd.DataFrame, sources: dict[str, str], names: dict[str, str]) -
     )
 
 
-def loss_table(logs: pd.DataFrame, sources: dict[str, str]) -> pd.DataFrame:
+def loss_table(logs: pd.DataFrame, datasets: list[str]) -> pd.DataFrame:
     """The training losses in long form (for ``dvc plots``): dataset, bits, epoch, loss, recon, contrast."""
     columns = ["dataset", "bits", "epoch", "loss", "recon", "contrast"]
     if logs.empty:
         return pd.DataFrame(columns=columns)
-    df = logs.assign(dataset=[label(d, sources) for d in logs["dataset"]])
+    df = logs.assign(dataset=[label(d) for d in logs["dataset"]])
     return df[columns].sort_values(["dataset", "bits", "epoch"], kind="stable")
 
 
-def training_map(logs: pd.DataFrame, sources: dict[str, str], k: int) -> pd.DataFrame:
+def training_map(logs: pd.DataFrame, datasets: list[str], k: int) -> pd.DataFrame:
     """The held-out split's mAP@k after the epochs evaluated while training (``conmh train --eval-every``), long
     form (for ``dvc plots`` and the loss figure): dataset, bits, epoch, mAP."""
     columns = ["dataset", "bits", "epoch", "mAP"]
     if logs.empty or "eval" not in logs.columns:
         return pd.DataFrame(columns=columns)
     rows = [
-        (label(d, sources), b, e, ev["map"][str(k)])
+        (label(d), b, e, ev["map"][str(k)])
         for d, b, e, ev in zip(logs["dataset"], logs["bits"], logs["epoch"], logs["eval"])
         if isinstance(ev, dict) and str(k) in ev.get("map", {})
     ]

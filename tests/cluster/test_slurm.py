@@ -144,18 +144,18 @@ def test_the_test_configuration_on_slurm_gives_the_table_of_the_local_run(cluste
 
 
 TWO_NODE_CONFIG = [
-    "datasets=[activitynet]",
+    "datasets=[activitynet-mini]",
     "bits=[16]",
     "distributed={nproc_per_node: 1, nnodes: 2}",
-    "miniature={sizes: {activitynet: {n_train: 192, n_database: 40, n_queries: 10, feature_dim: 32, n_classes: 4}},"
-    " train: {epochs: 3, batch_size: 32, lr: 1.0e-3}}",
+    "miniature={sizes: {activitynet-mini: {n_train: 192, n_database: 40, n_queries: 10, feature_dim: 32,"
+    " n_classes: 4}}, train: {epochs: 3, batch_size: 32, lr: 1.0e-3}}",
 ]
 
 
 def test_training_on_two_nodes_starts_one_torchrun_per_node(cluster, tmp_path):
     repo = copy_repo(tmp_path / "repo")
     since = now()
-    train_log = "results/fit/activitynet/conmh-16bits.jsonl"
+    train_log = "results/fit/activitynet-mini/conmh-16bits.jsonl"
     site = site_profile(cluster, tmp_path / "site", fit_tasks=2)
     _, run_id = snakemake_on_slurm(cluster, repo, site, "--config", *TWO_NODE_CONFIG, "--", train_log)
 
@@ -164,7 +164,7 @@ def test_training_on_two_nodes_starts_one_torchrun_per_node(cluster, tmp_path):
     assert train_job["NNodes"] == "2" and train_job["State"] == "COMPLETED", train_job
     nodes = slurm("scontrol", "show", "hostnames", train_job["NodeList"]).split()
     # What the fit step ran: srun starting torchrun on each node, meeting at the allocation's first node.
-    log = (repo / "logs" / "fit" / "conmh-activitynet-16bits.log").read_text()
+    log = (repo / "logs" / "fit" / "conmh-activitynet-mini-16bits.log").read_text()
     launch = srun_launch(log)
     assert launch[:8] == [
         "srun",
@@ -194,7 +194,7 @@ def test_training_on_two_nodes_starts_one_torchrun_per_node(cluster, tmp_path):
     (step,) = [s for s in steps if s["NTasks"] == "2"]
     assert step["NNodes"] == "2" and step["State"] == "COMPLETED", steps
 
-    out = repo / "work" / "fit" / "activitynet" / "conmh-16bits"
+    out = repo / "work" / "fit" / "activitynet-mini" / "conmh-16bits"
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
     assert checkpoint["meta"]["world_size"] == 2
     assert json.loads((out / "pipeline_run.json").read_text())["world_size"] == 2
@@ -234,12 +234,15 @@ def assert_same_weights(a: Path, b: Path) -> None:
 
 def real_data_run(folder: Path, data: Path, recipe: dict, **settings) -> tuple[dict, Path]:
     """The configuration (and its file in ``folder``) of a run training ActivityNet at 16 bits from the
-    miniature in ``data`` as a real dataset (only those resume), on the CPU, every output in ``folder``."""
+    miniature in ``data`` as the real release (only those resume; linked in as a user links a release),
+    on the CPU, every output in ``folder``."""
     cfg = load_config(ROOT / "config.yaml")
-    cfg.update(preset="mini", device="cpu", paths={k: str(folder / k) for k in ("data", "work", "results", "logs")})
+    paths = {k: str(folder / k) for k in ("work", "results", "logs")}
+    cfg.update(preset="mini", device="cpu", datasets=["activitynet"], paths={**paths, "data": str(folder / "releases")})
     cfg.update(settings)
-    cfg["activitynet"].update(source="real", data_dir=str(data), recipe=recipe)
-    folder.mkdir(parents=True, exist_ok=True)
+    cfg["activitynet"].update(recipe=recipe)
+    (folder / "releases").mkdir(parents=True, exist_ok=True)
+    (folder / "releases" / "activitynet").symlink_to(data)
     config = folder / "config.yaml"
     config.write_text(yaml.safe_dump(cfg))
     return cfg, config

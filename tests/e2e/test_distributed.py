@@ -93,7 +93,7 @@ def test_pipeline_job_launches_ddp_from_the_config(tmp_path: Path, capfd, monkey
     cfg["distributed"] = {"nproc_per_node": 2, "nnodes": 1}
     cfg["paths"] = {k: str(tmp_path / k) for k in ("data", "work", "results", "logs")}
     cfg["miniature"] = {**cfg["miniature"], "preset": "mini", "train": {"epochs": 4, "batch_size": 16, "lr": 1e-3}}
-    data = Path(data_dir(cfg, "activitynet"))
+    data = Path(data_dir(cfg, "activitynet-mini"))
     make_miniature(
         "activitynet",
         data,
@@ -101,12 +101,13 @@ def test_pipeline_job_launches_ddp_from_the_config(tmp_path: Path, capfd, monkey
         spec=MiniatureSpec(n_train=64, n_database=20, n_queries=10, feature_dim=32, n_classes=4),
     )
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    assert steps.fit(cfg, "conmh", "activitynet", 16, threads=1) == 0
+    assert steps.fit(cfg, "conmh", "activitynet-mini", 16, threads=1) == 0
     assert "torch.distributed.run --standalone --nproc-per-node 2" in capfd.readouterr().err
-    out = Path(Layout.of(cfg).fit_dir("conmh", "activitynet", 16))
+    out = Path(Layout.of(cfg).fit_dir("conmh", "activitynet-mini", 16))
     assert torch.load(out / "checkpoint.pt", weights_only=True)["meta"]["world_size"] == 2
     log = [
-        json.loads(line) for line in Path(Layout.of(cfg).fit_log("conmh", "activitynet", 16)).read_text().splitlines()
+        json.loads(line)
+        for line in Path(Layout.of(cfg).fit_log("conmh", "activitynet-mini", 16)).read_text().splitlines()
     ]
     assert len(log) == 4 and log[-1]["loss"] < log[0]["loss"]
     assert json.loads((out / "pipeline_run.json").read_text())["world_size"] == 2

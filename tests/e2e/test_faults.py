@@ -92,11 +92,14 @@ def test_a_release_imported_from_a_labs_http_server_passes_and_a_changed_file_is
 
 
 def _config(tmp_path: Path, data: Path, sums: dict[str, str]) -> Path:
-    """A configuration whose real ActivityNet folder is ``data``, with those sha256 sums."""
+    """A configuration whose real ActivityNet folder is ``data`` (``<paths.data>/activitynet``), with those
+    sha256 sums."""
     cfg = yaml.safe_load((ROOT / "config.yaml").read_text(encoding="utf-8"))
     cfg["datasets"] = ["activitynet"]
-    cfg["activitynet"].update(source="real", data_dir=str(data), sha256=sums)
-    cfg["paths"] = {k: str(tmp_path / "pipeline" / k) for k in ("data", "work", "results", "logs")}
+    cfg["activitynet"].update(sha256=sums)
+    cfg["paths"] = {k: str(tmp_path / "pipeline" / k) for k in ("work", "results", "logs")}
+    cfg["paths"]["data"] = str(data.parent)
+    assert data.name == "activitynet"
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(cfg), encoding="utf-8")
     return config
@@ -122,7 +125,7 @@ def _snakemake_dry(cwd: Path, *config: str) -> subprocess.CompletedProcess:
             "--cores",
             "1",
             "--config",
-            "datasets=[activitynet]",
+            "datasets=[activitynet-mini]",
             "bits=[16]",
             *config,
         ],
@@ -146,7 +149,7 @@ def _touch_every_output(cwd: Path) -> None:
             "--cores",
             "1",
             "--config",
-            "datasets=[activitynet]",
+            "datasets=[activitynet-mini]",
             "bits=[16]",
         ],
         cwd=cwd,
@@ -191,5 +194,5 @@ def test_snakemake_refuses_a_bad_config_before_any_job(tmp_path: Path, config: t
 def test_a_released_checkpoint_that_does_not_exist_is_refused_even_with_earlier_outputs(tmp_path: Path) -> None:
     cwd = _workflow(tmp_path)
     _touch_every_output(cwd)
-    proc = _snakemake_dry(cwd, "checkpoints={activitynet: {16: /nonexistent/an16.pth}}")
+    proc = _snakemake_dry(cwd, "checkpoints={activitynet-mini: {16: /nonexistent/an16.pth}}")
     assert proc.returncode != 0 and "/nonexistent/an16.pth" in proc.stdout + proc.stderr

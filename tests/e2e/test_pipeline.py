@@ -17,11 +17,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conmh.datasets import DATASETS
-from conmh.pipeline.config import load_config
+from conmh.datasets import DATASETS as RELEASES
+from conmh.pipeline.config import dataset_names, load_config
 from conmh.pipeline.paper import PAPER_KS
 from helpers.repo import ROOT, TEST_BITS, TEST_DATASET, copy_repo, output, run, snakemake, with_test_config
 
+DATASETS = tuple(f"{d}-mini" for d in RELEASES)  # the default run's
 BITS = (16, 32, 64)
 METHODS = ("conmh", "itq", "lsh")
 
@@ -56,12 +57,10 @@ def repo(tmp_path_factory) -> Path:
 
 
 def real_config(tmp_path: Path) -> list[str]:
-    """--config values that switch every dataset to its real release, in empty folders."""
-    values = []
-    for d in DATASETS:
+    """--config values that run every release instead of its miniature, from empty folders in tmp_path."""
+    for d in RELEASES:
         (tmp_path / d).mkdir(exist_ok=True)
-        values.append(f"{d}={{source: real, data_dir: {tmp_path / d}}}")
-    return values
+    return [f"datasets=[{', '.join(RELEASES)}]", f"paths={{data: {tmp_path}}}"]
 
 
 # --------------------------------------------------------------------------- dry runs
@@ -76,7 +75,7 @@ def test_default_dry_run_lists_exactly_the_expected_jobs(repo):
 def test_full_paper_dry_run_lists_the_jobs_with_the_paper_recipe_on_gpus(repo, tmp_path):
     proc = snakemake(repo, "-n", "-p", "--config", *real_config(tmp_path))
     assert proc.returncode == 0, output(proc)
-    assert dry_run_jobs(proc) == expected_jobs()
+    assert dry_run_jobs(proc) == expected_jobs(datasets=RELEASES)
     text = output(proc)
     train = [
         line[line.index("conmh pipeline fit --method conmh ") :].strip()
@@ -87,7 +86,7 @@ def test_full_paper_dry_run_lists_the_jobs_with_the_paper_recipe_on_gpus(repo, t
     assert sorted(train) == sorted(
         f"conmh pipeline fit --method conmh --dataset {d} --bits {b} --threads 1 --config {config}"
         f" --log logs/fit/conmh-{d}-{b}bits.log"
-        for d in DATASETS
+        for d in RELEASES
         for b in BITS
     )
     assert text.count("gpu=1") == 18  # ConMH's fit and encode jobs each ask for one GPU, the baselines' none
@@ -96,7 +95,7 @@ def test_full_paper_dry_run_lists_the_jobs_with_the_paper_recipe_on_gpus(repo, t
     from conmh.pipeline.steps import train_command
 
     cfg = load_config(repo / config)
-    for d in DATASETS:
+    for d in RELEASES:
         argv = train_command(cfg, d, 64)
         assert "--epochs" not in argv and "--batch-size" not in argv  # conmh train's default: the paper's recipe
         assert argv[argv.index("--data-dir") + 1] == str(tmp_path / d)
@@ -125,7 +124,7 @@ def test_released_checkpoints_skip_training(repo, tmp_path):
     proc = snakemake(repo, "-n", "-p", "--config", *real_config(tmp_path), checkpoints)
     assert proc.returncode == 0, output(proc)
     trained = {(d, b) for d in ("activitynet", "yfcc") for b in BITS}
-    assert dry_run_jobs(proc) == expected_jobs(trained=trained)
+    assert dry_run_jobs(proc) == expected_jobs(datasets=RELEASES, trained=trained)
     from conmh.pipeline.config import load_config, model_for
 
     (config,) = set(re.findall(r"--config (logs/config-[0-9a-f]{12}\.yaml) ", output(proc)))
@@ -142,15 +141,15 @@ def test_profiles_are_valid(repo, tmp_path, profile):
         repo, "-n", "-p", "--profile", f"workflow/profiles/{profile}", *extra, "--config", *real_config(tmp_path)
     )
     assert proc.returncode == 0, output(proc)
-    assert dry_run_jobs(proc) == expected_jobs()
+    assert dry_run_jobs(proc) == expected_jobs(datasets=RELEASES)
     if profile == "slurm":  # fit and encode jobs get 8 threads on the cluster
         assert output(proc).count("--threads 8") == 2 * len(METHODS) * 9
 
 
 def test_a_subset_runs_only_its_jobs(repo):
-    proc = snakemake(repo, "-n", "--config", "datasets=[yfcc]", "bits=[32,64]")
+    proc = snakemake(repo, "-n", "--config", "datasets=[yfcc-mini]", "bits=[32,64]")
     assert proc.returncode == 0, output(proc)
-    assert dry_run_jobs(proc) == expected_jobs(datasets=("yfcc",), bits=(32, 64))
+    assert dry_run_jobs(proc) == expected_jobs(datasets=("yfcc-mini",), bits=(32, 64))
 
 
 @pytest.mark.parametrize(
@@ -160,9 +159,10 @@ def test_a_subset_runs_only_its_jobs(repo):
             "fcvid={recipe: {mask_ratio: 1.5}}",
             "fcvid.recipe.mask_ratio: 1.5 is greater than or equal to the maximum of 1",
         ),
-        ("datasets=[fcvid, ucf101]", "datasets[1]: 'ucf101' is not one of ['fcvid', 'activitynet', 'yfcc']"),
+        ("datasets=[fcvid, ucf101]", f"datasets[1]: 'ucf101' is not one of {list(dataset_names())}"),
+        (f"fcvid-mini={{sha256: {{fcv_test_feats.h5: {'0' * 64}}}}}", "fcvid-mini.sha256: a miniature is generated"),
         ("bits=[16,thirty]", "bits[1]: 'thirty' is not of type 'integer'"),
-        ("yfcc={sources: real}", "Additional properties are not allowed ('sources' was unexpected)"),
+        ("yfcc={source: real}", "Additional properties are not allowed ('source' was unexpected)"),
     ],
 )
 def test_a_bad_config_value_is_refused_with_a_clear_message(repo, value, message):
@@ -179,13 +179,7 @@ def test_a_missing_real_dataset_gives_the_instructions(repo, tmp_path):
     empty = tmp_path / "activitynet"
     empty.mkdir()
     proc = snakemake(
-        repo,
-        "--cores",
-        "1",
-        "--config",
-        "datasets=[activitynet]",
-        "bits=[16]",
-        f"activitynet={{source: real, data_dir: {empty}}}",
+        repo, "--cores", "1", "--config", "datasets=[activitynet]", "bits=[16]", f"paths={{data: {tmp_path}}}"
     )
     text = output(proc)
     assert proc.returncode != 0
@@ -200,15 +194,15 @@ def test_a_missing_real_dataset_gives_the_instructions(repo, tmp_path):
 
 def test_a_corrupted_file_fails_verify(tmp_path):
     repo = copy_repo(tmp_path / "repo")
-    target = "results/data/fcvid/verify.json"
-    first = snakemake(repo, "--cores", "1", "--config", "datasets=[fcvid]", "--", target)
+    target = "results/data/fcvid-mini/verify.json"
+    first = snakemake(repo, "--cores", "1", "--config", "datasets=[fcvid-mini]", "--", target)
     assert first.returncode == 0, output(first)
     report = json.loads((repo / target).read_text())
     assert {f["file"] for f in report["files"]} == {"fcv_train_feats.h5", "fcv_test_feats.h5", "fcv_test_labels.mat"}
     assert all(len(f["sha256"]) == 64 for f in report["files"])
-    feats = repo / "data" / "miniature" / "fcvid" / "fcv_test_feats.h5"
+    feats = repo / "data" / "fcvid-mini" / "fcv_test_feats.h5"
     feats.write_bytes(feats.read_bytes()[: feats.stat().st_size // 2])  # truncated transfer
-    again = snakemake(repo, "--cores", "1", "--config", "datasets=[fcvid]", "--forcerun", "verify", "--", target)
+    again = snakemake(repo, "--cores", "1", "--config", "datasets=[fcvid-mini]", "--forcerun", "verify", "--", target)
     assert again.returncode != 0
     assert "fcv_test_feats.h5" in output(again)
     assert "Traceback" not in output(again)
@@ -245,9 +239,11 @@ def test_miniature_pipeline_runs_end_to_end_and_training_beats_lsh(snakemake_run
         assert (figures / name).stat().st_size > 1000
     pr = pd.read_csv(snakemake_run / "results" / "plots" / "pr_curve.csv")
     assert len(pr) == len(DATASETS) * 3 * sum(b + 1 for b in BITS)  # a point per radius 0..bits
-    per_query = pd.read_csv(snakemake_run / "work" / "metrics" / "yfcc" / "itq-64bits.per_query.csv")
-    assert per_query["ap@20"].mean() == pytest.approx(metrics_of(snakemake_run)["yfcc/itq-64bits.json"]["map"]["20"])
-    log = (snakemake_run / "results" / "fit" / "yfcc" / "conmh-64bits.jsonl").read_text().splitlines()
+    per_query = pd.read_csv(snakemake_run / "work" / "metrics" / "yfcc-mini" / "itq-64bits.per_query.csv")
+    assert per_query["ap@20"].mean() == pytest.approx(
+        metrics_of(snakemake_run)["yfcc-mini/itq-64bits.json"]["map"]["20"]
+    )
+    log = (snakemake_run / "results" / "fit" / "yfcc-mini" / "conmh-64bits.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in log] == [1, 2, 3]
 
 
@@ -383,14 +379,14 @@ def test_dvc_repro_in_a_fresh_copy_gives_the_results_of_snakemake(dvc_test_run, 
     # The data is DVC's too: a changed feature file of one dataset shows as exactly that dataset's
     # miniature (a cached output) and the download stage that depends on it; the next `dvc repro`
     # restores the generated file from DVC's cache and runs nothing else.
-    feats = clone / "data" / "miniature" / TEST_DATASET / "train_feats.h5"
+    feats = clone / "data" / TEST_DATASET / "train_feats.h5"
     original = feats.read_bytes()
     with h5py.File(feats, "r+") as fh:
         fh["feats"][0, 0, 0] += 1
     status = run(["dvc", "status", "--json"], clone)
     assert json.loads(status.stdout) == {
-        f"miniature@{TEST_DATASET}": [{"changed outs": {f"data/miniature/{TEST_DATASET}": "modified"}}],
-        f"download@{TEST_DATASET}": [{"changed deps": {f"data/miniature/{TEST_DATASET}": "modified"}}],
+        f"miniature@{TEST_DATASET}": [{"changed outs": {f"data/{TEST_DATASET}": "modified"}}],
+        f"download@{TEST_DATASET}": [{"changed deps": {f"data/{TEST_DATASET}": "modified"}}],
     }, output(status)
     proc = run(["dvc", "repro"], clone)
     assert proc.returncode == 0 and "Running stage" not in proc.stdout, output(proc)[-5000:]

@@ -80,8 +80,8 @@ TEST_CONFIG = ROOT / ".test" / "config.yaml"
 
 def with_test_config(config: dict) -> dict:
     """config.yaml's content (``config``) with .test/config.yaml applied, merged as Snakemake merges a
-    ``--configfile`` into the Snakefile's ``configfile:`` (snakemake.utils.update_config), and
-    dvc_data_dirs reduced to its datasets (DVC reads config.yaml alone, and checks that entry)."""
+    ``--configfile`` into the Snakefile's ``configfile:`` (snakemake.utils.update_config): DVC reads
+    config.yaml alone."""
     import copy
 
     import yaml
@@ -89,7 +89,6 @@ def with_test_config(config: dict) -> dict:
 
     merged = copy.deepcopy(config)
     update_config(merged, yaml.safe_load(TEST_CONFIG.read_text()))
-    merged["dvc_data_dirs"] = {d: merged["dvc_data_dirs"][d] for d in merged["datasets"]}
     return merged
 
 

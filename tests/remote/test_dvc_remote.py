@@ -29,7 +29,7 @@ DATASET, BITS = TEST_DATASET, TEST_BITS
 MODEL = f"work/fit/{DATASET}/conmh-{BITS}bits/model.pt"  # ConMH's trained model
 CODES = f"work/codes/{DATASET}/conmh-{BITS}bits.h5"
 METRICS = f"results/metrics/{DATASET}/conmh-{BITS}bits.json"
-QUERIES = f"data/miniature/{DATASET}/query_feats.h5"
+QUERIES = f"data/{DATASET}/query_feats.h5"
 # The slowed-down SFTP server of the fault tests: about 1 MB/s per SFTP channel (the .test run's
 # objects, about 8 MB, then take several seconds to move), so that a transfer can be cut in the middle.
 SLOW = 1_000_000

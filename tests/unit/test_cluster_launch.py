@@ -54,7 +54,6 @@ def test_the_srun_step_asks_for_the_gpus_and_cpus_of_each_node(two_nodes):
 def test_the_train_step_passes_its_gpus_per_node_and_threads_to_srun(two_nodes, tmp_path, monkeypatch):
     cfg = settings.load_config(ROOT / "config.yaml")
     cfg["paths"] = {k: str(tmp_path / k) for k in ("data", "work", "results", "logs")}
-    cfg["fcvid"].update(source="real", data_dir=str(tmp_path / "fcvid"))
     cfg["distributed"] = {"nproc_per_node": 4, "nnodes": 2}
     monkeypatch.setenv("SLURM_JOB_ID", "7")
     started: list[list[str]] = []
@@ -66,7 +65,6 @@ def test_the_train_step_passes_its_gpus_per_node_and_threads_to_srun(two_nodes, 
 
 def test_a_multi_node_gpu_job_asks_slurm_for_gpus_per_node():
     cfg = settings.load_config(ROOT / "config.yaml")
-    cfg["fcvid"]["source"] = "real"
     cfg["distributed"] = {"nproc_per_node": 4, "nnodes": 2}
     # Not --gpus=8, which SLURM may split 5 + 3 between the nodes: 4 on each node.
     assert (settings.train_gpus(cfg, "fcvid"), settings.train_gres(cfg, "fcvid")) == (0, "gpu:4")

@@ -1,6 +1,5 @@
-"""Unit tests of the pipeline (conmh.pipeline): config checking, what each step runs,
-GPU slots and resumable training folders, downloads (sha256, quarantine, resume
-over HTTP and file://), and the report table."""
+"""Unit tests of the pipeline (conmh.pipeline): config checking, dataset names, what each step runs,
+GPU slots and resumable training folders, the download step (sha256, instructions), and the report."""
 
 from __future__ import annotations
 
@@ -38,17 +37,27 @@ def raw_config() -> dict:
 # --------------------------------------------------------------------------- config
 
 
-def test_default_config_is_valid_and_runs_the_paper_grid(cfg):
-    assert cfg["datasets"] == ["fcvid", "activitynet", "yfcc"]
+MINIATURES = [f"{d}-mini" for d in DATASETS]
+
+
+def test_default_config_is_valid_and_runs_the_paper_grid_on_the_miniatures(cfg):
+    assert cfg["datasets"] == MINIATURES
     assert cfg["bits"] == [16, 32, 64]
-    assert all(cfg[d]["source"] == "miniature" for d in DATASETS)
+    assert not any(settings.is_real(d) for d in cfg["datasets"])
     # The paper's recipes live in conmh.recipes only: the config holds changes to them.
-    assert all(cfg[d]["recipe"] == {} for d in DATASETS)
+    assert all(cfg[d]["recipe"] == {} for d in settings.dataset_names())
+
+
+def test_a_datasets_name_gives_its_folder_its_layout_and_its_kind(cfg):
+    assert settings.dataset_names() == (*DATASETS, *MINIATURES)
+    for real, mini in zip(DATASETS, MINIATURES):
+        assert settings.data_dir(cfg, real) == f"data/{real}" and settings.data_dir(cfg, mini) == f"data/{mini}"
+        assert settings.layout_of(real) == settings.layout_of(mini) == real
+        assert settings.is_real(real) and not settings.is_real(mini)
 
 
 def test_real_data_trains_with_the_papers_recipe_and_miniatures_with_their_overrides(cfg):
-    assert settings.recipe_changes(cfg, "fcvid") == cfg["miniature"]["train"]
-    cfg["fcvid"]["source"] = "real"
+    assert settings.recipe_changes(cfg, "fcvid-mini") == cfg["miniature"]["train"]
     assert settings.recipe_changes(cfg, "fcvid") == {}
     cfg["fcvid"]["recipe"] = {"epochs": 100}
     assert settings.recipe_changes(cfg, "fcvid") == {"epochs": 100}
@@ -59,10 +68,18 @@ def test_the_schema_takes_datasets_and_presets_from_the_package():
     from conmh.presets import PRESETS
 
     schema = settings.load_schema()
-    assert schema["$defs"]["dataset_name"]["enum"] == list(DATASETS)
+    assert schema["$defs"]["dataset_name"]["enum"] == [*DATASETS, *MINIATURES]
+    assert schema["$defs"]["miniature_name"]["enum"] == MINIATURES
     assert schema["$defs"]["preset_name"]["enum"] == list(PRESETS)
     assert schema["properties"]["precision"]["enum"] == list(PRECISIONS)
-    assert set(DATASETS) <= set(schema["required"]) and all(d in schema["properties"] for d in DATASETS)
+    assert all(d in schema["properties"] for d in settings.dataset_names())
+
+
+def test_dvc_generates_every_miniature_and_nothing_else():
+    """dvc.yaml's miniature stage lists the miniatures literally (a matrix over `datasets` would make a
+    release's folder a DVC output): the same names as the package's."""
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["miniature"]
+    assert stage["matrix"]["dataset"] == MINIATURES
 
 
 def test_a_datasets_recipe_takes_the_fields_conmh_train_can_change():
@@ -77,7 +94,7 @@ def test_a_configured_recipe_change_reaches_conmh_train_under_the_fields_own_opt
     from conmh.recipes import OVERRIDABLE, RECIPES
 
     changes = {f.name: getattr(RECIPES["yfcc"], f.name) + 1 for f in OVERRIDABLE}
-    cfg["yfcc"] = {**cfg["yfcc"], "source": "real", "recipe": changes}
+    cfg["yfcc"] = {**cfg["yfcc"], "recipe": changes}
     args = build_parser().parse_args(steps.train_command(cfg, "yfcc", 64)[1:])
     assert {name: getattr(args, name) for name in changes} == changes
 
@@ -111,7 +128,9 @@ def test_command_line_strings_are_converted_to_schema_types():
         (lambda c: c.update(datasets=["fcvidd"]), "datasets[0]"),
         (lambda c: c["fcvid"]["recipe"].update(mask_ratio=1.5), "fcvid.recipe.mask_ratio"),
         (lambda c: c["fcvid"]["recipe"].update(epoch=800), "fcvid.recipe"),
-        (lambda c: c["yfcc"].update(source="baidu"), "yfcc.source"),
+        (lambda c: c["yfcc"].update(source="real"), "yfcc"),  # the key before data by name
+        (lambda c: c.update(dvc_data_dirs={"fcvid": "data/fcvid"}), "(top level)"),  # likewise
+        (lambda c: c["miniature"]["sizes"].update(fcvid={"n_train": 10}), "miniature.sizes"),  # a release's
         (lambda c: c["activitynet"].update(sha256={"train_feats.h5": "abc"}), "activitynet.sha256.train_feats.h5"),
         (lambda c: c["activitynet"].update(mirrors={"train_feats.h5": "https://x"}), "activitynet"),
         (lambda c: c.update(bits=["x"]), "bits[0]"),
@@ -155,31 +174,24 @@ def test_a_step_refuses_a_bad_config_file(tmp_path, capsys):
     assert "fcvid.recipe.epochs: 0 is less than the minimum of 1" in capsys.readouterr().err
 
 
-def test_dvc_data_dirs_of_the_default_config_agree(cfg):
-    assert settings.dvc_view_problems(cfg) == []
-    assert cfg["dvc_data_dirs"] == {d: f"data/miniature/{d}" for d in DATASETS}
-
-
-def test_dvc_data_dirs_that_disagree_are_refused_under_dvc_with_the_value_to_write(tmp_path, capsys, monkeypatch):
+def test_a_dataset_to_run_needs_its_section_and_a_miniature_has_no_release_sums():
     raw = raw_config()
-    raw["datasets"] = ["fcvid", "yfcc"]
-    raw["fcvid"].update(source="real", data_dir="/data/fcvid")
-    raw["yfcc"]["data_dir"] = "/data/yfcc"  # not read: yfcc is a miniature
-    raw["dvc_data_dirs"] = {"fcvid": "data/real/fcvid", "activitynet": "data/miniature/activitynet"}
-    cfg = settings.check_config(raw)
-    assert settings.dvc_view_problems(cfg) == [
-        "yfcc: missing; its files are in data/miniature/yfcc",
-        "activitynet: not among datasets ['fcvid', 'yfcc']; remove it",
-        "fcvid: data/real/fcvid, but its files are in /data/fcvid (source: real)",
-    ]
-    bad = tmp_path / "config.yaml"
-    bad.write_text(yaml.safe_dump(raw))
-    argv = ["verify", "--dataset", "yfcc", "--config", str(bad)]
-    monkeypatch.setenv("DVC_STAGE", "verify@yfcc")
-    assert pipeline(argv) == 3
-    assert "dvc_data_dirs:\n  fcvid: /data/fcvid\n  yfcc: data/miniature/yfcc" in capsys.readouterr().err
-    raw["dvc_data_dirs"] = {"fcvid": "/data/fcvid/", "yfcc": "data/miniature/yfcc"}
-    assert settings.dvc_view_problems(settings.check_config(raw)) == []  # a trailing slash is the same folder
+    raw["datasets"] = ["fcvid", "yfcc-mini"]
+    del raw["fcvid"]
+    raw["yfcc-mini"]["sha256"] = {"yfcc_query_feats.h5": "0" * 64}
+    with pytest.raises(ConfigError, match="2 problems") as err:
+        settings.check_config(raw)
+    assert "  - fcvid: missing; give every dataset of `datasets` a section" in str(err.value)
+    assert "  - yfcc-mini.sha256: a miniature is generated, not released" in str(err.value)
+    raw["datasets"] = ["yfcc"]  # a section that is not run may be left out
+    raw["yfcc-mini"]["sha256"] = {}
+    assert settings.check_config(raw)["datasets"] == ["yfcc"]
+
+
+def test_the_miniature_step_refuses_a_release(cfg, tmp_path, capsys):
+    """Generating into data/fcvid/ would mix synthetic files with the real release's."""
+    assert pipeline(["miniature", "--dataset", "fcvid"]) == 3
+    assert "fcvid is a released dataset, not a miniature" in capsys.readouterr().err
 
 
 def test_a_step_without_its_dataset_or_bits_is_a_usage_error(capsys):
@@ -196,30 +208,28 @@ def _opt(argv: list[str], name: str) -> str:
 
 
 def test_miniature_training_uses_the_miniature_overrides(cfg):
-    argv = steps.train_command(cfg, "activitynet", 32)
+    argv = steps.train_command(cfg, "activitynet-mini", 32)
     assert argv[:2] == ["conmh", "train"]
     assert _opt(argv, "--epochs") == str(cfg["miniature"]["train"]["epochs"])
     assert _opt(argv, "--batch-size") == str(cfg["miniature"]["train"]["batch_size"])
     assert "--alpha" not in argv and "--mask-ratio" not in argv  # the paper's (conmh train's default)
     assert _opt(argv, "--preset") == cfg["miniature"]["preset"] and _opt(argv, "--device") == "cpu"
-    assert _opt(argv, "--data-dir") == "data/miniature/activitynet"
-    assert not settings.uses_gpu(cfg, "activitynet") and settings.train_gpus(cfg, "activitynet") == 0
+    assert _opt(argv, "--data-dir") == "data/activitynet-mini" and _opt(argv, "--dataset") == "activitynet"
+    assert not settings.uses_gpu(cfg, "activitynet-mini") and settings.train_gpus(cfg, "activitynet-mini") == 0
 
 
 def test_training_evaluates_every_n_epochs_as_configured(cfg):
-    assert _opt(steps.train_command(cfg, "fcvid", 64), "--eval-every") == "1"  # miniatures: every epoch
-    cfg["fcvid"]["source"] = "real"
+    assert _opt(steps.train_command(cfg, "fcvid-mini", 64), "--eval-every") == "1"  # miniatures: every epoch
     assert "--eval-every" not in steps.train_command(cfg, "fcvid", 64)  # real data: never by default
     cfg["eval_every"] = 50
     assert _opt(steps.train_command(cfg, "fcvid", 64), "--eval-every") == "50"
 
 
 def test_real_training_uses_the_paper_recipe_and_a_gpu(cfg):
-    cfg["fcvid"]["source"] = "real"
     argv = steps.train_command(cfg, "fcvid", 64)
     for option in ("--epochs", "--batch-size", "--lr", "--seed", "--alpha"):
         assert option not in argv  # conmh train starts from the paper's recipe
-    for option, value in [("--preset", "small"), ("--device", "auto"), ("--data-dir", "data/real/fcvid")]:
+    for option, value in [("--preset", "small"), ("--device", "auto"), ("--data-dir", "data/fcvid")]:
         assert _opt(argv, option) == value
     assert settings.uses_gpu(cfg, "fcvid") and settings.train_gpus(cfg, "fcvid") == 1
     assert _opt(argv, "--precision") == "auto" and "--activation-checkpointing" not in argv
@@ -235,13 +245,18 @@ def test_each_step_writes_what_the_conmh_command_writes(cfg, tmp_path, capsys):
     from conmh.codes import read_codes
 
     cfg["paths"] = {k: str(tmp_path / k) for k in ("data", "work", "results", "logs")}
-    cfg["miniature"]["sizes"] = {"activitynet": {"n_train": 40, "n_database": 60, "n_queries": 10, "feature_dim": 32}}
-    lay, data = Layout.of(cfg), settings.data_dir(cfg, "activitynet")
-    assert steps.download(cfg, "activitynet") == 0 and steps.verify(cfg, "activitynet") == 0
+    cfg["miniature"]["sizes"] = {
+        "activitynet-mini": {"n_train": 40, "n_database": 60, "n_queries": 10, "feature_dim": 32}
+    }
+    lay, data = Layout.of(cfg), settings.data_dir(cfg, "activitynet-mini")
+    assert steps.download(cfg, "activitynet-mini") == 0 and steps.verify(cfg, "activitynet-mini") == 0
     for method in ("lsh", "itq"):
-        assert steps.fit(cfg, method, "activitynet", 16) == 0 and Path(lay.fit_log(method, "activitynet", 16)).exists()
-        assert steps.encode(cfg, method, "activitynet", 16) == 0
-        assert steps.evaluate(cfg, method, "activitynet", 16) == 0
+        assert (
+            steps.fit(cfg, method, "activitynet-mini", 16) == 0
+            and Path(lay.fit_log(method, "activitynet-mini", 16)).exists()
+        )
+        assert steps.encode(cfg, method, "activitynet-mini", 16) == 0
+        assert steps.evaluate(cfg, method, "activitynet-mini", 16) == 0
     by_hand = tmp_path / "by_hand"
     typed = [
         ["verify", "activitynet", data, "--report", f"{by_hand}/verify.json"],
@@ -258,22 +273,24 @@ def test_each_step_writes_what_the_conmh_command_writes(cfg, tmp_path, capsys):
     def report(path) -> dict:  # without the times it took
         return {k: v for k, v in json.loads(Path(path).read_text()).items() if k != "seconds"}
 
-    assert report(lay.verify_report("activitynet")) == report(by_hand / "verify.json")
+    assert report(lay.verify_report("activitynet-mini")) == report(by_hand / "verify.json")
     for method in ("lsh", "itq"):
-        ours, theirs = read_codes(lay.codes(method, "activitynet", 16)), read_codes(by_hand / f"{method}.h5")
+        ours, theirs = read_codes(lay.codes(method, "activitynet-mini", 16)), read_codes(by_hand / f"{method}.h5")
         assert (ours.database == theirs.database).all() and (ours.queries == theirs.queries).all()
         assert ours.attrs == theirs.attrs
-        metrics = json.loads(Path(lay.metrics(method, "activitynet", 16)).read_text())
+        metrics = json.loads(Path(lay.metrics(method, "activitynet-mini", 16)).read_text())
         metrics_by_hand = json.loads((by_hand / f"{method}.json").read_text())
         metrics.pop("codes_sha256"), metrics_by_hand.pop("codes_sha256")
         assert metrics == metrics_by_hand
-        assert Path(lay.per_query(method, "activitynet", 16)).read_text() == (by_hand / f"{method}.csv").read_text()
+        assert (
+            Path(lay.per_query(method, "activitynet-mini", 16)).read_text() == (by_hand / f"{method}.csv").read_text()
+        )
 
 
 def test_released_checkpoint_is_encoded_instead_of_trained(cfg, tmp_path, monkeypatch):
     released = tmp_path / "yfcc_32.pth"
     released.write_bytes(b"weights")
-    cfg["checkpoints"] = {"yfcc": {"32": str(released)}}
+    cfg["datasets"], cfg["checkpoints"] = ["yfcc"], {"yfcc": {"32": str(released)}}
     cfg["paths"] = {k: str(tmp_path / k) for k in ("data", "work", "results", "logs")}
     assert ("yfcc", 32) not in settings.trained_runs(cfg) and ("yfcc", 64) in settings.trained_runs(cfg)
     assert ("conmh", "yfcc", 32) not in settings.fitted_runs(cfg) and ("lsh", "yfcc", 32) in settings.fitted_runs(cfg)
@@ -330,14 +347,13 @@ def test_snakefile_rules_run_the_same_steps():
     from conmh.pipeline.cli import STEPS
 
     for name in STEPS:
-        if name != "miniature":  # DVC only: Snakemake's download generates the miniature itself
+        if name != "miniature":  # DVC only: Snakemake's download generates a miniature itself
             assert f'"conmh pipeline {name} ' in rules
 
 
 def test_a_failing_step_writes_its_log_and_shows_it(tmp_path, capsys):
     raw = raw_config()
-    raw["yfcc"]["source"] = "real"
-    raw["yfcc"]["data_dir"] = str(tmp_path / "nowhere")
+    raw["paths"]["data"] = str(tmp_path / "nowhere")
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(raw))
     log = tmp_path / "logs" / "download.log"
@@ -572,12 +588,11 @@ def test_a_known_sum_is_reused_for_an_unchanged_file_and_computed_again_for_a_ch
 
 
 def test_missing_files_give_instructions_not_a_traceback(tmp_path, capsys):
-    data = tmp_path / "nowhere"
-    data.mkdir()
+    data = tmp_path / "data" / "fcvid"
+    data.mkdir(parents=True)
     (data / "fcv_test_feats.h5").write_bytes(b"x")
     raw = raw_config()
-    raw["fcvid"].update(source="real", data_dir=str(data))
-    raw["paths"]["results"] = str(tmp_path / "results")
+    raw["paths"].update(data=str(tmp_path / "data"), results=str(tmp_path / "results"))
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(raw))
     code = pipeline(["download", "--dataset", "fcvid", "--config", str(config)])
@@ -599,18 +614,18 @@ def test_sums_of_files_outside_the_release_are_refused(tmp_path):
 def test_miniature_is_generated_once_then_kept(tmp_path):
     raw = raw_config()
     raw["miniature"].update(
-        seed=3, sizes={"yfcc": {"n_train": 40, "n_database": 30, "n_queries": 10, "feature_dim": 16}}
+        seed=3, sizes={"yfcc-mini": {"n_train": 40, "n_database": 30, "n_queries": 10, "feature_dim": 16}}
     )
     raw["paths"] = {k: str(tmp_path / k) for k in ("data", "work", "results", "logs")}
     cfg = settings.check_config(raw)
-    data, manifest = Path(settings.data_dir(cfg, "yfcc")), Path(Layout.of(cfg).manifest("yfcc"))
-    assert steps.download(cfg, "yfcc") == 0
+    data, manifest = Path(settings.data_dir(cfg, "yfcc-mini")), Path(Layout.of(cfg).manifest("yfcc-mini"))
+    assert steps.download(cfg, "yfcc-mini") == 0
     first = json.loads(manifest.read_text())
-    assert first["spec"]["n_train"] == 40 and first["seed"] == 3
+    assert first["spec"]["n_train"] == 40 and first["seed"] == 3 and first["dataset"] == "yfcc-mini"
     assert sorted(f["file"] for f in first["files"]) == sorted(f for _, f, _ in get_layout("yfcc").all_files())
     stamps = {p.name: p.stat().st_mtime_ns for p in data.iterdir()}
     manifest_stamp = manifest.stat().st_mtime_ns
-    assert steps.download(cfg, "yfcc") == 0
+    assert steps.download(cfg, "yfcc-mini") == 0
     assert {p.name: p.stat().st_mtime_ns for p in data.iterdir()} == stamps
     assert manifest.stat().st_mtime_ns == manifest_stamp
 
@@ -637,18 +652,20 @@ def _metrics(dataset: str, method: str, bits: int, value: float, ks=(5, 10, 20, 
 
 
 def _long(tmp_path: Path, runs: list[tuple[str, int]], ks=(5, 10, 20, 40, 60, 80, 100)) -> pd.DataFrame:
-    paths = []
+    """The metrics files of ``runs`` (dataset, bits) for ConMH and LSH. A file names the dataset's layout,
+    as ``conmh evaluate`` writes it: the report keys it by the run."""
+    paths = {}
     for d, b in runs:
         for method, value in (("conmh", 0.6), ("lsh", 0.3)):
             p = tmp_path / f"{d}-{method}-{b}.json"
-            p.write_text(json.dumps(_metrics(d, method, b, value + b / 1000, ks)))
-            paths.append(p)
+            p.write_text(json.dumps(_metrics(settings.layout_of(d), method, b, value + b / 1000, ks)))
+            paths[d, method, b] = p
     return tables.long_table(tables.load_details(paths))
 
 
 def test_report_table_has_a_row_per_dataset_bits_and_method_for_miniatures(tmp_path):
-    runs = [(d, b) for d in DATASETS for b in (16, 32, 64)]
-    table = tables.build_table(_long(tmp_path, runs), {d: "miniature" for d in DATASETS})
+    runs = [(d, b) for d in MINIATURES for b in (16, 32, 64)]
+    table = tables.build_table(_long(tmp_path, runs), MINIATURES)
     assert list(table.columns) == [
         "dataset",
         "data",
@@ -670,10 +687,12 @@ def test_report_table_has_a_row_per_dataset_bits_and_method_for_miniatures(tmp_p
 
 
 def test_report_puts_the_paper_beside_real_results_with_the_difference(tmp_path):
-    runs = [("fcvid", b) for b in (16, 32, 64)] + [("yfcc", 16)]
-    table = tables.build_table(_long(tmp_path, runs), {"fcvid": "real", "yfcc": "miniature"})
-    assert len(table) == 3 * 4 + 2
-    fc64 = table[(table["dataset"] == "FCVID") & (table["bits"] == 64)].set_index("result")
+    runs = [("fcvid", b) for b in (16, 32, 64)] + [("fcvid-mini", 64), ("yfcc-mini", 16)]
+    table = tables.build_table(_long(tmp_path, runs), ["fcvid", "fcvid-mini", "yfcc-mini"])
+    assert len(table) == 3 * 4 + 2 + 2
+    mini = table[(table["dataset"] == "FCVID") & (table["data"] == "synthetic")]  # a release and its miniature
+    assert list(mini["bits"]) == [64, 64] and list(mini["result"]) == [tables.ROW_OURS, tables.ROW_LSH]
+    fc64 = table[(table["dataset"] == "FCVID") & (table["bits"] == 64) & (table["data"] == "real")].set_index("result")
     assert list(fc64.index) == [tables.ROW_OURS, tables.ROW_LSH, tables.ROW_PAPER, tables.ROW_DIFF]
     # docs/reference.md §6, FCVID 64 bits.
     assert list(fc64.loc[tables.ROW_PAPER, ["mAP@5", "mAP@20", "mAP@40", "mAP@60", "mAP@80", "mAP@100"]]) == [
@@ -700,7 +719,7 @@ def test_paper_table_matches_the_reference():
 
 
 def test_report_leaves_missing_ks_empty(tmp_path):
-    table = tables.build_table(_long(tmp_path, [("fcvid", 16)], ks=(5, 20)), {"fcvid": "real"})
+    table = tables.build_table(_long(tmp_path, [("fcvid", 16)], ks=(5, 20)), ["fcvid"])
     assert [c for c in table.columns if c.startswith("mAP@")] == ["mAP@5", "mAP@20"]
     md = tables.to_markdown(table)
     assert "+0." in md or "-0." in md  # differences are signed
@@ -717,7 +736,7 @@ def test_paper_table_csv_is_the_table_of_docs_reference():
 
 def test_report_writes_tables_figures_metrics_and_plots(tmp_path):
     raw = raw_config()
-    raw.update(datasets=["activitynet"], bits=[16, 64])
+    raw.update(datasets=["activitynet-mini"], bits=[16, 64])
     raw["paths"] = {k: str(tmp_path / k) for k in ("data", "work", "results", "logs")}
     cfg = settings.check_config(raw)
     lay = Layout.of(cfg)
@@ -727,7 +746,7 @@ def test_report_writes_tables_figures_metrics_and_plots(tmp_path):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(_metrics(d, method, b, value)))
     for b in (16, 64):
-        log = Path(lay.fit_log("conmh", "activitynet", b))
+        log = Path(lay.fit_log("conmh", "activitynet-mini", b))
         log.parent.mkdir(parents=True, exist_ok=True)
         entries = [
             {
@@ -746,12 +765,12 @@ def test_report_writes_tables_figures_metrics_and_plots(tmp_path):
             for e in (1, 2, 3)
         ]
         log.write_text("".join(json.dumps(e) + "\n" for e in entries))
-    verified = Path(lay.verify_report("activitynet"))
+    verified = Path(lay.verify_report("activitynet-mini"))
     verified.parent.mkdir(parents=True)
     verified.write_text(
         json.dumps(
             {
-                "data_dir": "data/miniature/activitynet",
+                "data_dir": "data/activitynet-mini",
                 "files": [
                     {
                         "file": "train_feats.h5",
@@ -764,7 +783,7 @@ def test_report_writes_tables_figures_metrics_and_plots(tmp_path):
             }
         )
     )
-    Path(lay.manifest("activitynet")).write_text(json.dumps({"files": [{"file": "train_feats.h5", "bytes": 7}]}))
+    Path(lay.manifest("activitynet-mini")).write_text(json.dumps({"files": [{"file": "train_feats.h5", "bytes": 7}]}))
     assert steps.report(cfg) == 0
     out = Path(lay.results)
     # How it was made: each table as CSV, and all of them on one HTML page for the Snakemake report.
@@ -774,10 +793,12 @@ def test_report_writes_tables_figures_metrics_and_plots(tmp_path):
         [64, "cpu (Test CPU)", 3, 6.0],
     ]
     data = pd.read_csv(out / "provenance" / "data.csv")
-    assert data[["file", "shape", "bytes", "sha256"]].values.tolist() == [["train_feats.h5", "6x30x8", 7, "ab" * 32]]
+    assert data[["dataset", "source", "folder", "file", "shape", "bytes", "sha256"]].values.tolist() == [
+        ["activitynet-mini", "miniature", "data/activitynet-mini", "train_feats.h5", "6x30x8", 7, "ab" * 32]
+    ]
     configuration = pd.read_csv(out / "provenance" / "configuration.csv").set_index("key")["value"]
     assert list(configuration.index) == sorted(configuration.index)  # whichever engine read the config
-    assert configuration["bits"] == "[16, 64]" and configuration["activitynet.source"] == "miniature"
+    assert configuration["bits"] == "[16, 64]" and configuration["datasets"] == '["activitynet-mini"]'
     assert set(pd.read_csv(out / "provenance" / "software.csv")["component"]) >= {"python", "conmh", "torch", "cpu"}
     page = (out / "provenance" / "index.html").read_text()
     assert all(h in page for h in ("Training runs", "Data", "Software and machine", "Configuration"))
@@ -797,14 +818,14 @@ def test_report_writes_tables_figures_metrics_and_plots(tmp_path):
     assert "synthetic" in (out / "table.md").read_text()
     assert (out / "table.tex").read_text().startswith("\\begin{tabular}")
     assert sorted(p.relative_to(out / "summary").as_posix() for p in (out / "summary").rglob("*.json")) == [
-        "activitynet/conmh-16bits.json",
-        "activitynet/conmh-64bits.json",
-        "activitynet/itq-16bits.json",
-        "activitynet/itq-64bits.json",
-        "activitynet/lsh-16bits.json",
-        "activitynet/lsh-64bits.json",
+        "activitynet-mini/conmh-16bits.json",
+        "activitynet-mini/conmh-64bits.json",
+        "activitynet-mini/itq-16bits.json",
+        "activitynet-mini/itq-64bits.json",
+        "activitynet-mini/lsh-16bits.json",
+        "activitynet-mini/lsh-64bits.json",
     ]
-    summary = json.loads((out / "summary" / "activitynet" / "conmh-16bits.json").read_text())
+    summary = json.loads((out / "summary" / "activitynet-mini" / "conmh-16bits.json").read_text())
     assert list(summary) == [f"mAP@{k}" for k in (5, 10, 20, 40, 60, 80, 100)] + ["P@r<=2"]
     assert summary["mAP@5"] == pytest.approx(0.495) and summary["P@r<=2"] == pytest.approx(0.25)
     pr = pd.read_csv(out / "plots" / "pr_curve.csv")
@@ -828,12 +849,12 @@ def test_report_writes_tables_figures_metrics_and_plots(tmp_path):
 def test_a_figure_with_nothing_to_show_is_left_out(cfg):
     always = ("map_at_k", "pr_curves", "per_class")
     assert paper.figures_of(cfg) == (*always, "loss_curves")  # miniatures only
-    cfg["yfcc"]["source"] = "real"
+    cfg["datasets"] = [*cfg["datasets"], "yfcc"]
     assert paper.figures_of(cfg) == (*always, "ours_vs_paper", "loss_curves")
     cfg["bits"] = [128]  # no paper numbers at 128 bits
     assert paper.figures_of(cfg) == (*always, "loss_curves")
     cfg["bits"] = [64]
-    cfg["checkpoints"] = {d: {"64": f"/m/{d}.pth"} for d in DATASETS}  # nothing trained
+    cfg["checkpoints"] = {d: {"64": f"/m/{d}.pth"} for d in cfg["datasets"]}  # nothing trained
     assert paper.figures_of(cfg) == (*always, "ours_vs_paper")
 
 

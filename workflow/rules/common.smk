@@ -2,7 +2,7 @@
 
 
 wildcard_constraints:
-    dataset="|".join(DATASETS),
+    dataset="|".join(settings.dataset_names()),
     bits=r"\d+",
     method="|".join(config["methods"]),
 
@@ -21,7 +21,7 @@ def downloaded(wildcards):
     that had to run would download again and rerun every job after it, training included."""
     flag = LAYOUT.download_done(wildcards.dataset)
     folder = Path(settings.data_dir(config, wildcards.dataset))
-    names = [name for _, name, _ in get_layout(wildcards.dataset).all_files()]
+    names = [name for _, name, _ in get_layout(settings.layout_of(wildcards.dataset)).all_files()]
     if Path(flag).exists() or not all((folder / name).is_file() for name in names):
         return flag
     return []
