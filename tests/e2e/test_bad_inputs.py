@@ -3,7 +3,7 @@ through every command that reads it. Refused clearly means the documented exit c
 input, 4 missing file), a message that names the file and the key, no traceback, and no output
 written anyway (docs/reliability.md).
 
-Each case damages a fresh copy of one tiny good run (the ``tiny_run`` fixture) and runs ``conmh``
+Each case damages a fresh copy of one tiny good run (the ``reference_run`` fixture) and runs ``conmh``
 in this process: a run takes a fraction of a second, where a new Python would take several.
 """
 
@@ -349,10 +349,10 @@ def _params():
 
 
 @pytest.mark.parametrize("name, command", _params())
-def test_bad_input_is_refused_clearly(tmp_path: Path, tiny_run: Reference, capfd, name: str, command: str) -> None:
+def test_bad_input_is_refused_clearly(tmp_path: Path, reference_run: Reference, capfd, name: str, command: str) -> None:
     case = CASES[name]
-    scratch = Scratch(tmp_path, tiny_run)
-    shutil.copytree(tiny_run.data, scratch.data)
+    scratch = Scratch(tmp_path, reference_run)
+    shutil.copytree(reference_run.data, scratch.data)
     case.damage(scratch)
     argv, output = command_line(scratch, command)
     code, message = run_conmh_process(argv) if case.own_process else run_conmh(argv, capfd)
@@ -371,15 +371,17 @@ def test_the_planted_pickle_runs_code_when_loaded_unrestricted(tmp_path: Path) -
     assert (tmp_path / CODE_RAN).exists()
 
 
-def test_a_label_row_without_class_is_accepted_counted_and_scored_zero(tmp_path: Path, tiny_run: Reference) -> None:
+def test_a_label_row_without_class_is_accepted_counted_and_scored_zero(
+    tmp_path: Path, reference_run: Reference
+) -> None:
     """Documented, not refused: such a query has no relevant item, scores AP 0 and counts in the mean;
     verify and the metrics file report how many there are."""
     data = tmp_path / "data"
-    shutil.copytree(tiny_run.data, data)
+    shutil.copytree(reference_run.data, data)
     _mat_edit(data / "q_label.mat", "q_label", lambda a: a * (np.arange(len(a)) > 0)[:, None])  # query 0: no class
     assert main(["verify", DATASET, str(data), "--no-checksums", "--report", str(tmp_path / "verify.json")]) == 0
     assert json.loads((tmp_path / "verify.json").read_text())["label_rows_without_class"]["queries"] == 1
     with one_thread():
-        assert main(encode_argv(data, tiny_run.run / FINAL_MODEL, tmp_path / "codes.h5")) == 0
+        assert main(encode_argv(data, reference_run.run / FINAL_MODEL, tmp_path / "codes.h5")) == 0
     assert main(["evaluate", str(tmp_path / "codes.h5"), "--out", str(tmp_path / "m.json")]) == 0
     assert json.loads((tmp_path / "m.json").read_text())["queries_without_label"] == 1

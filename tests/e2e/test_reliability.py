@@ -45,7 +45,7 @@ from helpers.conmh_runs import (
     weights,
 )
 
-EPOCHS = TINY_EPOCHS  # of the tiny_run fixture (tests/e2e/conftest.py): two steps per epoch
+EPOCHS = TINY_EPOCHS  # of the reference_run fixture (tests/e2e/conftest.py): two steps per epoch
 TIMEOUT = 180
 
 # Run `conmh` with a SIGKILL planted at one point: KILL_AT=step (before the KILL_N-th training step),
@@ -124,10 +124,10 @@ def checkpoint_epoch(path: Path) -> int:
     ids=["mid-epoch", "checkpoint-write", "final-model-write"],
 )
 def test_killed_training_resumes_to_identical_codes(
-    tmp_path: Path, tiny_run: Reference, at: str, n: int, checkpointed: int
+    tmp_path: Path, reference_run: Reference, at: str, n: int, checkpointed: int
 ) -> None:
     out = tmp_path / "run"
-    proc = killed_run(train_argv(tiny_run.data, out, epochs=EPOCHS), at, n)
+    proc = killed_run(train_argv(reference_run.data, out, epochs=EPOCHS), at, n)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     # What the kill left: the last complete epoch's checkpoint, loadable; never a half file at a final path.
     assert checkpoint_epoch(out / CHECKPOINT) == checkpointed
@@ -137,30 +137,32 @@ def test_killed_training_resumes_to_identical_codes(
     if at != "step":
         assert len(list(out.glob(".*.tmp"))) == 1  # the torn write stayed under its temporary name
     with one_thread():
-        assert main(train_argv(tiny_run.data, out, epochs=EPOCHS)) == 0  # the same command again
-        assert main(encode_argv(tiny_run.data, out / FINAL_MODEL, tmp_path / "codes.h5")) == 0
-    assert_same_run(out, tiny_run, tmp_path / "codes.h5")
+        assert main(train_argv(reference_run.data, out, epochs=EPOCHS)) == 0  # the same command again
+        assert main(encode_argv(reference_run.data, out / FINAL_MODEL, tmp_path / "codes.h5")) == 0
+    assert_same_run(out, reference_run, tmp_path / "codes.h5")
 
 
-def test_killed_encoding_leaves_no_codes_file_and_rerun_is_identical(tmp_path: Path, tiny_run: Reference) -> None:
+def test_killed_encoding_leaves_no_codes_file_and_rerun_is_identical(tmp_path: Path, reference_run: Reference) -> None:
     codes = tmp_path / "codes" / "conmh-16bits.h5"
-    proc = killed_run(encode_argv(tiny_run.data, tiny_run.run / FINAL_MODEL, codes), "codes:conmh-16bits.h5", 1)
+    proc = killed_run(
+        encode_argv(reference_run.data, reference_run.run / FINAL_MODEL, codes), "codes:conmh-16bits.h5", 1
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert not codes.exists()
     [torn] = codes.parent.glob(".*.tmp")  # hidden, never at the path `conmh evaluate` and the pipeline read
     assert torn.name.startswith(".conmh-16bits.h5.")
     with one_thread():
-        assert main(encode_argv(tiny_run.data, tiny_run.run / FINAL_MODEL, codes)) == 0
-    for key, value in unpacked(tiny_run.codes).items():
+        assert main(encode_argv(reference_run.data, reference_run.run / FINAL_MODEL, codes)) == 0
+    for key, value in unpacked(reference_run.codes).items():
         np.testing.assert_array_equal(unpacked(codes)[key], value, err_msg=key)
 
 
-def test_killed_rewrite_keeps_the_previous_codes_file(tmp_path: Path, tiny_run: Reference) -> None:
+def test_killed_rewrite_keeps_the_previous_codes_file(tmp_path: Path, reference_run: Reference) -> None:
     codes = tmp_path / "codes.h5"
-    shutil.copy2(tiny_run.codes, codes)
+    shutil.copy2(reference_run.codes, codes)
     before = codes.read_bytes()
     proc = killed_run(
-        ["lsh", "--dataset", DATASET, "--data-dir", str(tiny_run.data), "--bits", "16", "--out", str(codes)],
+        ["lsh", "--dataset", DATASET, "--data-dir", str(reference_run.data), "--bits", "16", "--out", str(codes)],
         "codes:codes.h5",
         1,
     )
