@@ -22,6 +22,7 @@ import yaml
 
 from conmh.cli import main as conmh_main
 from conmh.pipeline.cli import main as pipeline_main
+from helpers.repo import copy_workflow
 
 ROOT = Path(__file__).resolve().parents[2]
 ACTIVITYNET = ("train_feats.h5", "test_feats.h5", "re_label.mat", "query_feats.h5", "q_label.mat")
@@ -108,15 +109,6 @@ def _config(tmp_path: Path, data: Path, sums: dict[str, str]) -> Path:
 # --------------------------------------------------------------------------- configuration through snakemake
 
 
-def _workflow(tmp_path: Path) -> Path:
-    dest = tmp_path / "pipeline"
-    dest.mkdir()
-    shutil.copy2(ROOT / "Snakefile", dest)
-    shutil.copy2(ROOT / "config.yaml", dest)
-    shutil.copytree(ROOT / "workflow", dest / "workflow", ignore=shutil.ignore_patterns("__pycache__"))
-    return dest
-
-
 def _snakemake_dry(cwd: Path, *config: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [
@@ -182,7 +174,7 @@ needs_snakemake = pytest.mark.skipif(shutil.which("snakemake") is None, reason="
     ids=["unknown-key", "bits-0", "wrong-type"],
 )
 def test_snakemake_refuses_a_bad_config_before_any_job(tmp_path: Path, config: tuple[str, ...], named: str) -> None:
-    cwd = _workflow(tmp_path)
+    cwd = copy_workflow(tmp_path / "pipeline")
     proc = _snakemake_dry(cwd, *config)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
@@ -192,7 +184,7 @@ def test_snakemake_refuses_a_bad_config_before_any_job(tmp_path: Path, config: t
 
 @needs_snakemake
 def test_a_released_checkpoint_that_does_not_exist_is_refused_even_with_earlier_outputs(tmp_path: Path) -> None:
-    cwd = _workflow(tmp_path)
+    cwd = copy_workflow(tmp_path / "pipeline")
     _touch_every_output(cwd)
     proc = _snakemake_dry(cwd, "checkpoints={activitynet-mini: {16: /nonexistent/an16.pth}}")
     assert proc.returncode != 0 and "/nonexistent/an16.pth" in proc.stdout + proc.stderr

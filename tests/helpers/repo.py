@@ -44,6 +44,16 @@ def copy_repo(dest: Path) -> Path:
     return dest
 
 
+def copy_workflow(dest: Path) -> Path:
+    """The Snakefile, config.yaml and workflow/ alone in ``dest`` (created): enough for ``snakemake`` to plan
+    and run the pipeline, whose jobs run the installed ``conmh`` package."""
+    dest.mkdir(parents=True)
+    shutil.copy2(ROOT / "Snakefile", dest / "Snakefile")
+    shutil.copy2(ROOT / "config.yaml", dest / "config.yaml")
+    shutil.copytree(ROOT / "workflow", dest / "workflow", ignore=shutil.ignore_patterns("__pycache__"))
+    return dest
+
+
 @functools.cache
 def compile_kernels() -> None:
     """Compile the Hamming kernels (conmh/kernels.py) into this checkout's numba cache, conmh/__pycache__,
