@@ -427,19 +427,20 @@ def _checkpoint_epoch(path: Path) -> int:
 # --------------------------------------------------------------------------- 3. pipeline runs
 
 
+PIPE_DATASET = f"{DATASET}-mini"  # the pipeline's name of that miniature (its layout is DATASET)
 PIPE_CONFIG = [
     "--config",
-    f"datasets=[{DATASET}]",
+    f"datasets=[{PIPE_DATASET}]",
     f"bits=[{BITS}]",
     "ks=[5,10,20]",
     "threads={train: 1, encode: 1}",
-    f"miniature={{train: {{epochs: {EPOCHS}, batch_size: {BATCH}}}, sizes: {{{DATASET}: "
+    f"miniature={{train: {{epochs: {EPOCHS}, batch_size: {BATCH}}}, sizes: {{{PIPE_DATASET}: "
     + "{"
     + ", ".join(f"{k}: {v}" for k, v in SPEC_SIZES.items())
     + "}}}",
 ]
-PIPE_TRAIN = Path(f"work/fit/{DATASET}/conmh-{BITS}bits")
-PIPE_CODES = Path(f"work/codes/{DATASET}/conmh-{BITS}bits.h5")
+PIPE_TRAIN = Path(f"work/fit/{PIPE_DATASET}/conmh-{BITS}bits")
+PIPE_CODES = Path(f"work/codes/{PIPE_DATASET}/conmh-{BITS}bits.h5")
 PIPE_FAULTS = (
     "ConMH fit job, inside an epoch",
     "ConMH fit job, checkpoint write",
@@ -496,9 +497,9 @@ class PipelineReference:
 
 
 def pipeline_outputs(cwd: Path) -> tuple[dict, dict, str]:
-    codes = {m: unpacked(cwd / f"work/codes/{DATASET}/{m}-{BITS}bits.h5") for m in ("conmh", "lsh")}
+    codes = {m: unpacked(cwd / f"work/codes/{PIPE_DATASET}/{m}-{BITS}bits.h5") for m in ("conmh", "lsh")}
     maps = {
-        m: json.loads((cwd / f"results/metrics/{DATASET}/{m}-{BITS}bits.json").read_text())["map"]
+        m: json.loads((cwd / f"results/metrics/{PIPE_DATASET}/{m}-{BITS}bits.json").read_text())["map"]
         for m in ("conmh", "lsh")
     }
     return codes, maps, (cwd / "results/table.csv").read_text()
@@ -557,7 +558,7 @@ def pipeline_run(i: int, ws: Path, ref: PipelineReference, rng: np.random.Genera
         result["error"] = f"the rerun failed (exit {rc}): {err}"
         return result
     codes, maps, table = pipeline_outputs(cwd)
-    train_log = (cwd / f"logs/fit/conmh-{DATASET}-{BITS}bits.log").read_text()
+    train_log = (cwd / f"logs/fit/conmh-{PIPE_DATASET}-{BITS}bits.log").read_text()
     result.update(
         identical_codes=all(same_codes(codes[m], ref.codes[m]) for m in codes),
         identical_metrics=maps == ref.maps,

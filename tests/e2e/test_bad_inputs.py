@@ -332,11 +332,10 @@ CASES: dict[str, Case] = {
     "--mask-ratio 1.5": Case(lambda s: s.extra.extend(["--mask-ratio", "1.5"]), ("mask",), ("train",)),
     "--device cuda without CUDA": Case(lambda s: s.extra.extend(["--device", "cuda"]), ("cuda",), ("train", "encode")),
 }
-# TODO(data by name): pipeline configurations that must be refused (unknown keys, wrong types, code lengths
-# and mask ratios out of range, released checkpoints that do not exist or are not run) are tested through
-# the config checker (tests/unit/test_pipeline_units.py) and `snakemake -n` (tests/e2e/test_faults.py).
-# Not yet anywhere: bits=[1] and mask_ratio: 1 at the boundary, and a real dataset folder that does not
-# exist; add them to test_faults.py once the pipeline's datasets have their own names.
+# Pipeline configurations that must be refused (unknown keys, wrong types, code lengths and mask ratios out
+# of range, released checkpoints that do not exist or are not run, a release's folder without its files) are
+# tested through the config checker and the steps (tests/unit/test_pipeline_units.py) and `snakemake -n`
+# (tests/e2e/test_faults.py).
 
 
 def _params():

@@ -134,6 +134,8 @@ def test_command_line_strings_are_converted_to_schema_types():
         (lambda c: c["activitynet"].update(sha256={"train_feats.h5": "abc"}), "activitynet.sha256.train_feats.h5"),
         (lambda c: c["activitynet"].update(mirrors={"train_feats.h5": "https://x"}), "activitynet"),
         (lambda c: c.update(bits=["x"]), "bits[0]"),
+        (lambda c: c.update(bits=[1]), "bits[0]"),  # the schema's minimum is 4
+        (lambda c: c["fcvid-mini"]["recipe"].update(mask_ratio=1), "fcvid-mini.recipe.mask_ratio"),  # all masked
         (lambda c: c.update(bits=[16, 1000]), "bits[1]"),  # wider than the 256-dim feature it hashes
         (lambda c: c.update(distributed={"nproc_per_node": 0, "nnodes": 1}), "distributed.nproc_per_node"),
         (lambda c: c.update(precision="fp16"), "precision"),
