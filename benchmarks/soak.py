@@ -176,6 +176,11 @@ def readable(path: Path) -> str | None:
     try:
         if path.name == "checkpoint.pt":
             _load_training_checkpoint(path)
+        elif path.name == "model.pt" and "fit" in path.parts and not path.parent.name.startswith("conmh-"):
+            # a baseline's fitted arrays (conmh.methods.save_arrays), not a ConMH checkpoint
+            from conmh.methods import load_arrays
+
+            load_arrays(path)
         elif path.suffix in (".pt", ".pth"):
             load_checkpoint(path)
         elif path.suffix == ".h5" and "codes" in path.parts:
