@@ -4,7 +4,8 @@ Every rule and stage runs ``conmh pipeline STEP`` (``cli.py``), which calls the
 function of the same name in ``steps.py``. The rest, one job each:
 
 * ``config.py`` -- config.yaml loaded and checked once (``config.schema.yaml``),
-  and what one run uses (data folder, recipe changes, device, GPUs);
+  dataset names (a release or its ``-mini`` miniature), and what one run uses
+  (data folder, recipe changes, device, GPUs);
 * ``paths.py`` -- every path the pipeline writes;
 * ``download.py`` -- miniature generation; real files present and their sha256;
 * ``gpus.py`` -- which GPUs a job takes; ``launch.py`` -- torchrun and srun;
