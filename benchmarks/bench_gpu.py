@@ -379,7 +379,7 @@ class GpuProcesses:
 def run_pipeline(device: str, cores: int, timeout_s: float, workdir: Path, extra_config: list[str] = ()) -> dict:
     """The miniature pipeline with ``miniature.device`` set to ``device``, in a fresh copy of the repository.
 
-    ``extra_config``: more ``--config`` items (e.g. ``datasets=[fcvid]``), for quick checks.
+    ``extra_config``: more ``--config`` items (e.g. ``datasets=[fcvid-mini]``), for quick checks.
     """
     missing = [tool for tool in ("conmh", "python") if shutil.which(tool) is None]
     if importlib.util.find_spec("snakemake") is None:

@@ -158,28 +158,30 @@ def _has(node: object, keys: list[str]) -> bool:
 
 
 def pipeline_recipe(cfg: dict, dataset: str) -> Recipe:
-    """The recipe the pipeline trains a miniature with: the paper's with the changes of
-    ``conmh.pipeline.config.recipe_changes`` (the dataset's ``recipe``, then ``miniature.train``)."""
-    from conmh.pipeline.config import recipe_changes
+    """The recipe the pipeline trains miniature ``dataset`` (e.g. fcvid-mini) with: the paper's, with the changes
+    of ``conmh.pipeline.config.recipe_changes`` (the dataset's ``recipe``, then ``miniature.train``)."""
+    from conmh.pipeline.config import layout_of, recipe_changes
 
-    section = {"recipe": {}, **cfg.get(dataset, {}), "source": "miniature"}  # every run here is a miniature
-    return get_recipe(dataset).replace(**recipe_changes({**cfg, dataset: section}, dataset))
+    return get_recipe(layout_of(dataset)).replace(**recipe_changes(cfg, dataset))
 
 
 def all_runs(cfg: dict, *, epochs: int | None, larger_epochs: int, tiny: bool) -> list[Run]:
+    """The runs of the config's miniatures (its releases are left out: this benchmark generates its data), named
+    by layout and code length (fcvid-16), then the larger FCVID-style run."""
+    from conmh.pipeline.config import is_real, layout_of
+
     mini = cfg["miniature"]
     if tiny:
-        recipe = pipeline_recipe(cfg, "fcvid").replace(epochs=epochs or 1)
+        recipe = pipeline_recipe(cfg, "fcvid-mini").replace(epochs=epochs or 1)
         return [Run("tiny-fcvid-16", "fcvid", "tiny-fcvid", 16, mini["preset"], TINY_SPEC, mini["seed"], recipe)]
     runs = []
-    for dataset in cfg["datasets"]:
-        spec = dataclasses.replace(MINIATURE_DEFAULTS[dataset], **mini.get("sizes", {}).get(dataset, {}))
+    for dataset in [d for d in cfg["datasets"] if not is_real(d)]:
+        layout = layout_of(dataset)
+        spec = dataclasses.replace(MINIATURE_DEFAULTS[layout], **mini.get("sizes", {}).get(dataset, {}))
         recipe = pipeline_recipe(cfg, dataset).replace(epochs=epochs)
         for bits in cfg["bits"]:
-            runs.append(
-                Run(f"{dataset}-{bits}", dataset, dataset, int(bits), mini["preset"], spec, mini["seed"], recipe)
-            )
-    recipe = pipeline_recipe(cfg, "fcvid").replace(epochs=larger_epochs)
+            runs.append(Run(f"{layout}-{bits}", layout, dataset, int(bits), mini["preset"], spec, mini["seed"], recipe))
+    recipe = pipeline_recipe(cfg, "fcvid-mini").replace(epochs=larger_epochs)
     runs.append(
         Run(
             f"larger-fcvid-{LARGER_BITS}",

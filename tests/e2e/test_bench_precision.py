@@ -82,7 +82,7 @@ def test_the_miniature_runs_are_the_pipelines():
     cfg = yaml.safe_load((ROOT / "config.yaml").read_text(encoding="utf-8"))
     runs = bench.all_runs(cfg, epochs=None, larger_epochs=5, tiny=False)
     names = [r.name for r in runs]
-    assert names[:-1] == [f"{d}-{b}" for d in cfg["datasets"] for b in cfg["bits"]]
+    assert names[:-1] == [f"{d.removesuffix('-mini')}-{b}" for d in cfg["datasets"] for b in cfg["bits"]]
     assert names[-1] == "larger-fcvid-64"
     first = runs[0]
     assert first.preset == cfg["miniature"]["preset"] and first.data_seed == cfg["miniature"]["seed"]
@@ -93,7 +93,7 @@ def test_the_miniature_runs_are_the_pipelines():
         overrides["lr"],
     )
     # The rest is the paper's recipe with the dataset's configured changes (none by default).
-    paper = get_recipe(first.dataset).replace(**cfg[first.dataset]["recipe"])
+    paper = get_recipe(first.dataset).replace(**cfg[first.data_name]["recipe"])
     assert first.recipe.mask_ratio == paper.mask_ratio
     assert runs[-1].preset == "small" and runs[-1].recipe.epochs == 5
     assert [r.name for r in bench.select_runs(runs, None, larger=False)] == names[:-1]
