@@ -10,9 +10,9 @@ function of the same name in ``conmh.pipeline.steps``::
     conmh pipeline fit      --method conmh --dataset fcvid --bits 64 [--threads 8]
     conmh pipeline encode   --method conmh --dataset fcvid --bits 64 [--threads 8]
     conmh pipeline evaluate --method conmh --dataset fcvid --bits 64
+    conmh pipeline report
 
 A dataset is a release (fcvid, activitynet, yfcc) or its miniature (fcvid-mini ...).
-    conmh pipeline report
 
 Exit codes as ``conmh``: 0 ok, 1 bug, 2 usage, 3 bad input or configuration,
 4 missing dataset file.
