@@ -15,7 +15,7 @@ from conmh.encode import encode_dataset, encode_features
 from conmh.errors import CheckpointError, DataError
 from conmh.features import ArrayFeatures, open_split
 from conmh.model import ConMH, ModelConfig
-from conmh.synthetic import MiniatureSpec, make_miniature
+from helpers import tiny
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,8 +38,8 @@ def readme_example() -> str:
     return block
 
 
-def test_the_readme_example_runs(tmp_path, monkeypatch, capsys):
-    _model(tmp_path / "model.pt", feature_dim=32, frames=6)
+def test_the_readme_example_runs(tiny_model, tmp_path, monkeypatch, capsys):
+    (tmp_path / "model.pt").symlink_to(tiny_model / "model.pt")  # "a checkpoint written by `conmh train`"
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
     exec(compile(readme_example(), "README.md (Python API)", "exec"), scope)
@@ -53,15 +53,11 @@ def test_the_readme_example_runs(tmp_path, monkeypatch, capsys):
     assert "[" in capsys.readouterr().out
 
 
-def test_encode_videos_gives_the_codes_of_conmh_encode(tmp_path):
-    data = tmp_path / "activitynet"
-    spec = MiniatureSpec(n_train=8, n_database=40, n_queries=12, n_classes=5, feature_dim=24)
-    make_miniature("activitynet", data, seed=3, spec=spec)
-    with open_split("activitynet", data, "database") as db:
-        features, frames = db.read(0, db.n), db.frames
-    _model(tmp_path / "model.pt", feature_dim=24, frames=frames)
-    from_file = encode_dataset(tmp_path / "model.pt", "activitynet", data, device="cpu")
-    model = conmh.load_model(tmp_path / "model.pt")
+def test_encode_videos_gives_the_codes_of_conmh_encode(tiny_data, tiny_model):
+    with open_split(tiny.DATASET, tiny_data, "database") as db:
+        features = db.read(0, db.n)
+    from_file = encode_dataset(tiny_model / "model.pt", tiny.DATASET, tiny_data, device="cpu")
+    model = conmh.load_model(tiny_model / "model.pt")
     np.testing.assert_array_equal(conmh.encode_videos(model, features, device="cpu"), from_file.database)
     # in batches or at once: the same codes
     np.testing.assert_array_equal(conmh.encode_videos(model, features, device="cpu", batch_size=7), from_file.database)

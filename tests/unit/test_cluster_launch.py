@@ -3,10 +3,9 @@ per node (the job's and its srun step's), and GPU locks that do not hold one job
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -83,7 +82,12 @@ def test_a_multi_node_gpu_job_asks_slurm_for_gpus_per_node():
     assert plugin.set_gres_string(job).split() == ["--gpus=4"]
 
 
-HOLD_GPU = "from conmh.pipeline.gpus import on_free_gpus\nwith on_free_gpus(1) as held:\n    print(held)"
+class Waited(Exception):
+    """Raised instead of the sleep of a job that found no free GPU (gpu_slots sleeps, then looks again)."""
+
+
+def _never_sleep(seconds: float) -> None:
+    raise Waited
 
 
 def test_jobs_of_different_slurm_allocations_never_wait_for_each_others_gpu_0(tmp_path, monkeypatch):
@@ -91,14 +95,15 @@ def test_jobs_of_different_slurm_allocations_never_wait_for_each_others_gpu_0(tm
     monkeypatch.setenv("CONMH_GPU_LOCK_DIR", str(tmp_path))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     monkeypatch.setenv("SLURM_JOB_ID", "101")
+    monkeypatch.setattr(gpus, "time", SimpleNamespace(sleep=_never_sleep))
+    # The jobs are in this process: each lock file is opened anew, and flock locks of two open files exclude
+    # each other as those of two processes do.
     with gpus.on_free_gpus(1) as held:
         assert held == ["0"]
-        other_job = {**os.environ, "SLURM_JOB_ID": "102"}
-        try:
-            proc = subprocess.run([sys.executable, "-c", HOLD_GPU], env=other_job, capture_output=True, timeout=20)
-        except subprocess.TimeoutExpired:
-            pytest.fail("a job of another allocation waited for this job's GPU 0")
-        assert proc.stdout.decode().strip() == "['0']"
+        monkeypatch.setenv("SLURM_JOB_ID", "102")
+        with gpus.on_free_gpus(1) as other:  # Waited: a job of another allocation waited for this job's GPU 0
+            assert other == ["0"]
         # Jobs within one allocation (a local Snakemake run inside salloc) still share its GPUs' locks.
-        with pytest.raises(subprocess.TimeoutExpired):
-            subprocess.run([sys.executable, "-c", HOLD_GPU], env=dict(os.environ), capture_output=True, timeout=2)
+        monkeypatch.setenv("SLURM_JOB_ID", "101")
+        with pytest.raises(Waited), gpus.on_free_gpus(1):
+            pass

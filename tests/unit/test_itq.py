@@ -16,9 +16,8 @@ from conmh.features import open_split
 from conmh.methods.itq import fit_itq, itq_bits, itq_codes, itq_rotation, pca_projection
 from conmh.methods.lsh import lsh_projection
 from conmh.metrics import map_at_k
-from conmh.synthetic import MiniatureSpec, make_miniature
-
-SMALL = MiniatureSpec(n_train=120, n_database=60, n_queries=20, feature_dim=32, n_classes=4)
+from conmh.synthetic import make_miniature
+from helpers.tiny import SPEC
 
 
 def spread_data(seed: int, n: int = 300, dim: int = 20) -> np.ndarray:
@@ -178,11 +177,11 @@ def test_fit_refuses_bad_arguments() -> None:
 
 
 @pytest.fixture(scope="module")
-def mini(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("itq")
-    make_miniature("activitynet", root / "activitynet", seed=0, spec=SMALL)
-    make_miniature("fcvid", root / "fcvid", seed=0, spec=SMALL)
-    return root
+def fcvid(tmp_path_factory) -> Path:
+    """An FCVID miniature of tiny_data's sizes: the queries are the database."""
+    folder = tmp_path_factory.mktemp("itq") / "fcvid"
+    make_miniature("fcvid", folder, seed=0, spec=SPEC)
+    return folder
 
 
 def pooled(data_dir: Path, split: str, rows: np.ndarray | None = None) -> np.ndarray:
@@ -191,70 +190,67 @@ def pooled(data_dir: Path, split: str, rows: np.ndarray | None = None) -> np.nda
     return x.mean(axis=1, dtype=np.float64).astype(np.float32)
 
 
-def test_codes_are_the_fit_on_the_pooled_training_features(mini: Path) -> None:
-    data = mini / "activitynet"
-    codes = itq_codes("activitynet", data, 16, seed=3, n_iter=20, batch_size=7)
+def test_codes_are_the_fit_on_the_pooled_training_features(tiny_data: Path) -> None:
+    codes = itq_codes("activitynet", tiny_data, 16, seed=3, n_iter=20, batch_size=7)
     assert (codes.method, codes.bits, codes.dataset) == ("itq", 16, "activitynet")
-    assert codes.attrs == {"seed": 3, "n_iter": 20, "train_videos": SMALL.n_train}
-    mean, W = fit_itq(pooled(data, "train"), 16, seed=3, n_iter=20)
-    np.testing.assert_array_equal(unpack_bits(codes.database, 16), itq_bits(pooled(data, "database"), mean, W))
-    np.testing.assert_array_equal(unpack_bits(codes.queries, 16), itq_bits(pooled(data, "queries"), mean, W))
-    assert codes.queries.shape == (SMALL.n_queries, 2) and codes.query_labels.shape == (SMALL.n_queries, 4)
+    assert codes.attrs == {"seed": 3, "n_iter": 20, "train_videos": SPEC.n_train}
+    mean, W = fit_itq(pooled(tiny_data, "train"), 16, seed=3, n_iter=20)
+    np.testing.assert_array_equal(unpack_bits(codes.database, 16), itq_bits(pooled(tiny_data, "database"), mean, W))
+    np.testing.assert_array_equal(unpack_bits(codes.queries, 16), itq_bits(pooled(tiny_data, "queries"), mean, W))
+    assert codes.queries.shape == (SPEC.n_queries, 2) and codes.query_labels.shape == (SPEC.n_queries, 4)
     bits = unpack_bits(codes.database, 16)
     assert 0.2 < bits.mean() < 0.8 and (bits.mean(axis=0) > 0).all() and (bits.mean(axis=0) < 1).all()
 
 
-def test_codes_do_not_depend_on_the_batch_size_and_are_deterministic(mini: Path) -> None:
-    data = mini / "activitynet"
-    a = itq_codes("activitynet", data, 16, batch_size=5)
-    b = itq_codes("activitynet", data, 16, batch_size=512)
-    c = itq_codes("activitynet", data, 16, batch_size=512)
+def test_codes_do_not_depend_on_the_batch_size_and_are_deterministic(tiny_data: Path) -> None:
+    a = itq_codes("activitynet", tiny_data, 16, batch_size=5)
+    b = itq_codes("activitynet", tiny_data, 16, batch_size=512)
+    c = itq_codes("activitynet", tiny_data, 16, batch_size=512)
     for x in (b, c):
         np.testing.assert_array_equal(a.database, x.database)
         np.testing.assert_array_equal(a.queries, x.queries)
-    assert not np.array_equal(a.database, itq_codes("activitynet", data, 16, seed=2).database)
+    assert not np.array_equal(a.database, itq_codes("activitynet", tiny_data, 16, seed=2).database)
 
 
-def test_training_is_capped_to_evenly_spaced_videos(mini: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    data = mini / "activitynet"
+def test_training_is_capped_to_evenly_spaced_videos(tiny_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(itq, "ITQ_TRAIN_SAMPLES", 25)
-    codes = itq_codes("activitynet", data, 8, batch_size=4)
+    codes = itq_codes("activitynet", tiny_data, 8, batch_size=4)
     assert codes.attrs["train_videos"] == 25
-    rows = np.linspace(0, SMALL.n_train - 1, 25).astype(np.int64)
-    mean, W = fit_itq(pooled(data, "train", rows), 8)
-    np.testing.assert_array_equal(unpack_bits(codes.queries, 8), itq_bits(pooled(data, "queries"), mean, W))
-    everything = fit_itq(pooled(data, "train"), 8)
+    rows = np.linspace(0, SPEC.n_train - 1, 25).astype(np.int64)
+    mean, W = fit_itq(pooled(tiny_data, "train", rows), 8)
+    np.testing.assert_array_equal(unpack_bits(codes.queries, 8), itq_bits(pooled(tiny_data, "queries"), mean, W))
+    everything = fit_itq(pooled(tiny_data, "train"), 8)
     assert not np.allclose(everything[1], W)  # the cap did change what the fit saw
 
 
-def test_bits_above_the_feature_dim_is_a_config_error(mini: Path) -> None:
+def test_bits_above_the_feature_dim_is_a_config_error(tiny_data: Path) -> None:
     with pytest.raises(ConfigError, match="bits must be <= 32"):
-        itq_codes("activitynet", mini / "activitynet", 33)
+        itq_codes("activitynet", tiny_data, 33)
     with pytest.raises(ConfigError, match="iterations must be >= 0"):
-        itq_codes("activitynet", mini / "activitynet", 8, n_iter=-1)
-    itq_codes("activitynet", mini / "activitynet", 32, n_iter=2)  # bits = dim is allowed
+        itq_codes("activitynet", tiny_data, 8, n_iter=-1)
+    itq_codes("activitynet", tiny_data, 32, n_iter=2)  # bits = dim is allowed
 
 
-def test_cli_writes_codes_that_evaluate_reads(mini: Path, capsys: pytest.CaptureFixture) -> None:
-    out = mini / "itq-16.h5"
-    args = ["itq", "--dataset", "fcvid", "--data-dir", str(mini / "fcvid"), "--bits", "16", "--out", str(out)]
+def test_cli_writes_codes_that_evaluate_reads(fcvid: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "itq-16.h5"
+    args = ["itq", "--dataset", "fcvid", "--data-dir", str(fcvid), "--bits", "16", "--out", str(out)]
     assert main([*args, "--seed", "4", "--iterations", "10"]) == 0
     assert "ITQ 16-bit codes" in capsys.readouterr().out
     codes = read_codes(out)
     assert (codes.method, codes.bits, codes.dataset, codes.queries_are_database) == ("itq", 16, "fcvid", True)
-    assert codes.attrs == {"seed": 4, "n_iter": 10, "train_videos": SMALL.n_train}
-    assert codes.database.shape == (SMALL.n_database, 2)
-    direct = itq_codes("fcvid", mini / "fcvid", 16, seed=4, n_iter=10)
+    assert codes.attrs == {"seed": 4, "n_iter": 10, "train_videos": SPEC.n_train}
+    assert codes.database.shape == (SPEC.n_database, 2)
+    direct = itq_codes("fcvid", fcvid, 16, seed=4, n_iter=10)
     np.testing.assert_array_equal(codes.database, direct.database)
-    assert main(["evaluate", str(out), "--out", str(mini / "itq-16.json")]) == 0
-    metrics = json.loads((mini / "itq-16.json").read_text())
+    assert main(["evaluate", str(out), "--out", str(tmp_path / "itq-16.json")]) == 0
+    metrics = json.loads((tmp_path / "itq-16.json").read_text())
     assert (metrics["method"], metrics["bits"], metrics["protocol"]) == ("itq", 16, "queries_are_database")
     assert all(0.0 < v <= 1.0 for v in metrics["map"].values())
 
 
-def test_cli_refuses_more_bits_than_feature_dims(mini: Path, capsys: pytest.CaptureFixture) -> None:
-    out = mini / "itq-64.h5"
-    args = ["itq", "--dataset", "fcvid", "--data-dir", str(mini / "fcvid"), "--bits", "64", "--out", str(out)]
+def test_cli_refuses_more_bits_than_feature_dims(fcvid: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "itq-64.h5"
+    args = ["itq", "--dataset", "fcvid", "--data-dir", str(fcvid), "--bits", "64", "--out", str(out)]
     assert main(args) == 3
     err = capsys.readouterr().err
     assert err.startswith("conmh itq: error: ") and "bits must be <= 32" in err and "fcv_train_feats.h5" in err

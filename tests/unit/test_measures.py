@@ -28,11 +28,10 @@ from conmh.metrics import (
 
 
 def distances_and_relevance(db_bits, db_labels, q_bits, q_labels, i):
-    """Hamming distance and relevance (shares a label) of every database item for query ``i``."""
-    n = len(db_bits)
-    dist = [int(np.sum(db_bits[j] != q_bits[i])) for j in range(n)]
-    rel = [bool(np.any(np.logical_and(db_labels[j], q_labels[i]))) for j in range(n)]
-    return dist, rel
+    """Hamming distance and relevance (shares a label) of every database item for query ``i``, as lists."""
+    dist = np.sum(db_bits != q_bits[i], axis=1)  # item j: the bits where db_bits[j] and the query differ
+    rel = np.any(np.logical_and(db_labels, q_labels[i]), axis=1)  # item j: a label it shares with the query
+    return [int(d) for d in dist], [bool(r) for r in rel]
 
 
 def reference_pr(db_bits, db_labels, q_bits, q_labels, nbits):

@@ -13,23 +13,15 @@ from conmh import methods
 from conmh.codes import Codes, unpack_bits
 from conmh.errors import ConfigError
 from conmh.pipeline import config as settings
-from conmh.synthetic import MiniatureSpec, make_miniature
+from helpers.tiny import SPEC
 
 ROOT = Path(__file__).resolve().parents[2]
-SMALL = MiniatureSpec(n_train=64, n_database=40, n_queries=12, feature_dim=32, n_classes=4)
 # What each method's fit takes in this test: ConMH a tiny CPU training, the baselines their seed.
 OPTIONS = {
     "conmh": {"preset": "mini", "device": "cpu", "epochs": 1, "batch_size": 16},
     "itq": {"seed": 3},
     "lsh": {"seed": 3},
 }
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("methods") / "activitynet"
-    make_miniature("activitynet", folder, seed=0, spec=SMALL)
-    return folder
 
 
 def test_the_package_holds_conmh_and_its_two_baselines():
@@ -39,27 +31,27 @@ def test_the_package_holds_conmh_and_its_two_baselines():
 
 
 @pytest.mark.parametrize("name", ["conmh", "itq", "lsh"])
-def test_a_method_fits_then_encodes_the_same_codes_every_time(name, data, tmp_path):
+def test_a_method_fits_then_encodes_the_same_codes_every_time(name, tiny_data, tmp_path):
     """fit writes one model file; encode reads it and codes the database and the queries (ActivityNet has
     its own), the same codes each time, with the method's name in them."""
     module, model = methods.get(name), tmp_path / "model.pt"
     fit_options = OPTIONS[name]
-    module.fit("activitynet", data, 16, model, **fit_options)
+    module.fit("activitynet", tiny_data, 16, model, **fit_options)
     assert model.is_file()
     encode_options = {k: v for k, v in fit_options.items() if k in ("preset", "device")} if name == "conmh" else {}
-    first = module.encode(model, "activitynet", data, 16, **encode_options)
-    again = module.encode(model, "activitynet", data, 16, **encode_options)
+    first = module.encode(model, "activitynet", tiny_data, 16, **encode_options)
+    again = module.encode(model, "activitynet", tiny_data, 16, **encode_options)
     assert isinstance(first, Codes) and (first.method, first.bits, first.dataset) == (name, 16, "activitynet")
-    assert unpack_bits(first.database, 16).shape == (SMALL.n_database, 16)
-    assert unpack_bits(first.queries, 16).shape == (SMALL.n_queries, 16)
+    assert unpack_bits(first.database, 16).shape == (SPEC.n_database, 16)
+    assert unpack_bits(first.queries, 16).shape == (SPEC.n_queries, 16)
     assert np.array_equal(first.database, again.database) and np.array_equal(first.queries, again.queries)
 
 
 @pytest.mark.parametrize("name", ["itq", "lsh"])
-def test_a_model_fitted_for_other_code_lengths_is_refused(name, data, tmp_path):
-    methods.get(name).fit("activitynet", data, 16, tmp_path / "model.pt", seed=1)
+def test_a_model_fitted_for_other_code_lengths_is_refused(name, tiny_data, tmp_path):
+    methods.get(name).fit("activitynet", tiny_data, 16, tmp_path / "model.pt", seed=1)
     with pytest.raises(ConfigError, match=r"model\.pt: fitted for 16-bit codes, asked for 32"):
-        methods.get(name).encode(tmp_path / "model.pt", "activitynet", data, 32)
+        methods.get(name).encode(tmp_path / "model.pt", "activitynet", tiny_data, 32)
 
 
 def test_a_fitted_model_round_trips_exactly(tmp_path):

@@ -28,9 +28,10 @@ def reference_ap(
     n = len(db_bits)
     out = np.zeros((len(q_bits), len(ks)))
     for i in range(len(q_bits)):
-        dist = np.array([np.sum(db_bits[j] != q_bits[i]) for j in range(n)])
+        dist = np.sum(db_bits != q_bits[i], axis=1)  # item j: the bits where db_bits[j] and the query differ
         ranking = np.lexsort((np.arange(n), dist))  # by distance, then by index
-        rel = [int(np.any(np.logical_and(db_labels[j], q_labels[i]))) for j in ranking]
+        shares = np.any(np.logical_and(db_labels, q_labels[i]), axis=1)  # item j: a label it shares with the query
+        rel = [int(shares[j]) for j in ranking]
         for c, k in enumerate(ks):
             total = 0.0
             for r in range(1, k + 1):

@@ -47,9 +47,10 @@ def reference(db_bits, db_lab, q_bits, q_lab, ks):
     full = np.zeros(len(q_bits))
     for i in range(len(q_bits)):
         ranking = np.lexsort((np.arange(n), dist[i]))  # by distance, then by index
-        rel = relevant[i, ranking]
+        rel = relevant[i, ranking].tolist()
+        p_at = (np.cumsum(rel) / np.arange(1, n + 1)).tolist()  # p_at[r - 1] = P(r): relevant among the first r, / r
         for c, k in enumerate(ks):
-            ap[i, c] = sum(rel[r - 1] * rel[:r].sum() / r for r in range(1, min(k, n) + 1)) / k
+            ap[i, c] = sum(rel[r - 1] * p_at[r - 1] for r in range(1, min(k, n) + 1)) / k
         n_rel = relevant[i].sum()
         for r in range(nbits + 1):
             retrieved = dist[i] <= r
@@ -57,7 +58,7 @@ def reference(db_bits, db_lab, q_bits, q_lab, ks):
             precision[i, r] = hits / retrieved.sum() if retrieved.any() else 0.0
             recall[i, r] = hits / n_rel if n_rel else 0.0
         if n_rel:
-            full[i] = sum(rel[:r].sum() / r for r in range(1, n + 1) if rel[r - 1]) / n_rel
+            full[i] = sum(p_at[r - 1] for r in range(1, n + 1) if rel[r - 1]) / n_rel
     return ap, precision, recall, relevant.sum(axis=1), full
 
 

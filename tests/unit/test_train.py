@@ -57,6 +57,13 @@ def final_state(out_dir: Path) -> dict:
     return torch.load(out_dir / FINAL_MODEL, weights_only=True)["model_state_dict"]
 
 
+def assert_same_weights(run: Path, other: Path) -> None:
+    """Every tensor of ``run``'s final model equals ``other``'s (each file read once)."""
+    theirs = final_state(other)
+    for k, v in final_state(run).items():
+        assert torch.equal(v, theirs[k]), k
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, feats) -> Path:
     out = tmp_path_factory.mktemp("full")
@@ -67,8 +74,7 @@ def uninterrupted(tmp_path_factory, feats) -> Path:
 def test_same_seed_same_codes(tmp_path: Path, feats, uninterrupted: Path) -> None:
     train(feats, CFG, RECIPE, tmp_path, device="cpu", progress=False)
     np.testing.assert_array_equal(final_codes(tmp_path, feats), final_codes(uninterrupted, feats))
-    for k, v in final_state(tmp_path).items():
-        assert torch.equal(v, final_state(uninterrupted)[k]), k
+    assert_same_weights(tmp_path, uninterrupted)
     # byte-identical files, so checkpoint sha256s recorded downstream are reproducible
     assert (tmp_path / FINAL_MODEL).read_bytes() == (uninterrupted / FINAL_MODEL).read_bytes()
 
@@ -79,8 +85,7 @@ def test_resume_from_the_middle_gives_the_same_weights(tmp_path: Path, feats, un
     assert not (tmp_path / FINAL_MODEL).exists()
     second = train(feats, CFG, RECIPE, tmp_path, device="cpu", progress=False, resume=True)
     assert second.epochs_done == 4
-    for k, v in final_state(tmp_path).items():
-        assert torch.equal(v, final_state(uninterrupted)[k]), k
+    assert_same_weights(tmp_path, uninterrupted)
     np.testing.assert_array_equal(final_codes(tmp_path, feats), final_codes(uninterrupted, feats))
     log = [json.loads(line) for line in (tmp_path / LOG).read_text().splitlines()]
     assert [e["epoch"] for e in log] == [1, 2, 3, 4]
@@ -95,8 +100,7 @@ def write_h5(path: Path, feats: np.ndarray) -> Path:
 def test_hdf5_in_memory_equals_array(tmp_path: Path, feats, uninterrupted: Path) -> None:
     with FeatureFiles([write_h5(tmp_path / "train.h5", feats)]) as ff:
         train(ff, CFG, RECIPE, tmp_path / "run", device="cpu", progress=False, data_mode="memory")
-    for k, v in final_state(tmp_path / "run").items():
-        assert torch.equal(v, final_state(uninterrupted)[k]), k
+    assert_same_weights(tmp_path / "run", uninterrupted)
 
 
 def test_streaming_resume_is_exact(tmp_path: Path, feats, uninterrupted: Path) -> None:
@@ -105,22 +109,19 @@ def test_streaming_resume_is_exact(tmp_path: Path, feats, uninterrupted: Path) -
     with FeatureFiles([write_h5(tmp_path / "train.h5", feats)]) as ff:
         train(ff, CFG, RECIPE, tmp_path / "b", device="cpu", progress=False, data_mode="stream", stop_after=3)
         train(ff, CFG, RECIPE, tmp_path / "b", device="cpu", progress=False, data_mode="stream", resume=True)
-    for k, v in final_state(uninterrupted).items():
-        assert torch.equal(v, final_state(tmp_path / "b")[k]), k
+    assert_same_weights(uninterrupted, tmp_path / "b")
 
 
 def test_streamed_training_equals_in_memory_training(tmp_path: Path, feats, uninterrupted: Path) -> None:
     """Both sources draw the same uniform shuffle and the same sorted batches: identical weights."""
     with FeatureFiles([write_h5(tmp_path / "train.h5", feats)]) as ff:
         train(ff, CFG, RECIPE, tmp_path / "run", device="cpu", progress=False, data_mode="stream")
-    for k, v in final_state(tmp_path / "run").items():
-        assert torch.equal(v, final_state(uninterrupted)[k]), k
+    assert_same_weights(tmp_path / "run", uninterrupted)
 
 
 def test_activation_checkpointing_trains_the_same_weights(tmp_path: Path, feats, uninterrupted: Path) -> None:
     train(feats, CFG, RECIPE, tmp_path, device="cpu", progress=False, activation_checkpointing=True)
-    for k, v in final_state(tmp_path).items():
-        assert torch.equal(v, final_state(uninterrupted)[k]), k
+    assert_same_weights(tmp_path, uninterrupted)
 
 
 @pytest.mark.parametrize(("mode", "kept"), [("memory", True), ("stream", False)])
