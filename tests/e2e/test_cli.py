@@ -15,6 +15,7 @@ import torch
 from conmh.cli import main
 from conmh.codes import read_codes, unpack_bits
 from conmh.synthetic import MiniatureSpec, make_miniature
+from helpers.conmh_runs import one_thread
 
 TINY = MiniatureSpec(n_train=64, n_database=40, n_queries=12, feature_dim=32, n_classes=4)
 
@@ -23,30 +24,35 @@ TINY = MiniatureSpec(n_train=64, n_database=40, n_queries=12, feature_dim=32, n_
 def tiny(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cli")
     make_miniature("activitynet", root / "data", seed=0, spec=TINY)
-    # --default-allocator: in-process calls leave this test process's malloc settings alone
-    code = main(
-        [
-            "train",
-            "--dataset",
-            "activitynet",
-            "--data-dir",
-            str(root / "data"),
-            "--bits",
-            "16",
-            "--out-dir",
-            str(root / "run"),
-            "--preset",
-            "mini",
-            "--epochs",
-            "2",
-            "--batch-size",
-            "16",
-            "--device",
-            "cpu",
-            "--no-progress",
-            "--default-allocator",
-        ]
-    )
+    # --default-allocator: in-process calls leave this test process's malloc settings alone. One thread,
+    # named: the thread count changes the weights' bits, and tests before this one (tests/unit's
+    # conftest) may have set this process's.
+    with one_thread():
+        code = main(
+            [
+                "train",
+                "--dataset",
+                "activitynet",
+                "--data-dir",
+                str(root / "data"),
+                "--bits",
+                "16",
+                "--out-dir",
+                str(root / "run"),
+                "--preset",
+                "mini",
+                "--epochs",
+                "2",
+                "--batch-size",
+                "16",
+                "--device",
+                "cpu",
+                "--no-progress",
+                "--threads",
+                "1",
+                "--default-allocator",
+            ]
+        )
     assert code == 0
     return root
 
@@ -192,6 +198,8 @@ def test_allocator_setting_does_not_change_the_result(tiny: Path, tmp_path: Path
         "--device",
         "cpu",
         "--no-progress",
+        "--threads",
+        "1",
     )
     assert proc.returncode == 0, proc.stderr
     same = (tmp_path / "run" / "model.pt").read_bytes() == (tiny / "run" / "model.pt").read_bytes()
