@@ -5,7 +5,7 @@ what happens when it half fails: the server going down in the middle of a push, 
 way, an object on the remote with one byte flipped. Each ends in a complete, correct workspace after a
 retry, or in a refusal that names the damaged file; a half-written object is never taken as good.
 
-The numbers of the closing note of issue 20 (bytes and seconds) are printed: ``pytest -s``."""
+The numbers of the closing note of issue 20 (bytes and seconds) are printed: ``pytest -n 0 -s``."""
 
 from __future__ import annotations
 
