@@ -297,13 +297,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _set_threads(threads: int | None) -> None:
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-
-
 def cmd_verify(args: argparse.Namespace) -> None:
     from .atomic import write_text_atomic
     from .verify import verify_dataset
@@ -337,7 +330,9 @@ def _init_distributed(device: str) -> bool:
 def cmd_train(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
-    _set_threads(args.threads)
+    from .device import set_threads
+
+    set_threads(args.threads)
     joined = _init_distributed(args.device)
     try:
         _train(args)
@@ -382,9 +377,10 @@ def _train(args: argparse.Namespace) -> None:
 
 def cmd_encode(args: argparse.Namespace) -> None:
     from .codes import write_codes
+    from .device import set_threads
     from .encode import encode_dataset
 
-    _set_threads(args.threads)
+    set_threads(args.threads)
     codes = encode_dataset(
         args.checkpoint,
         args.dataset,
@@ -442,9 +438,11 @@ def cmd_search(args: argparse.Namespace) -> None:
         args.usage_error("--features and --checkpoint go together (the checkpoint encodes the features)")
     if args.bits is not None and args.checkpoint is None:
         args.usage_error("--bits is for an official --checkpoint")
-    _set_threads(args.threads)
     encode_options = {}
-    if args.features is not None:
+    if args.features is not None:  # torch runs only to encode the query features
+        from .device import set_threads
+
+        set_threads(args.threads)
         encode_options = dict(
             key=args.key,
             bits=args.bits,

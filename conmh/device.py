@@ -28,6 +28,13 @@ PRECISIONS = ("auto", "fp32", "bf16")
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+def set_threads(threads: int | None) -> None:
+    """Run torch on ``threads`` threads in this process (None or 0: torch's default). The count changes the
+    order of float sums, so runs compared bit for bit name it."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def select_device(name: str = "auto") -> torch.device:
     """``auto``: CUDA when present (this process's local rank under torchrun), else CPU."""
     if name == "auto":

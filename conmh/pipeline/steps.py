@@ -41,13 +41,6 @@ from .paths import Layout
 from .training_run import prepare_train_dir, write_state
 
 
-def _set_threads(threads: int | None) -> None:
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-
-
 def download(cfg: dict, dataset: str) -> int:
     """Generate the miniature, or check that the real release's files are there; write the manifest."""
     folder, manifest = Path(data_dir(cfg, dataset)), Path(Layout.of(cfg).manifest(dataset))
@@ -127,8 +120,9 @@ def fit(cfg: dict, method: str, dataset: str, bits: int, threads: int | None = N
     if method == "conmh":
         return train(cfg, dataset, bits, threads)
     from .. import methods
+    from ..device import set_threads
 
-    _set_threads(threads)
+    set_threads(threads)
     lay = Layout.of(cfg)
     model_file = lay.model(method, dataset, bits)
     with on_free_gpus(1 if uses_gpu(cfg, dataset, method) else 0):
@@ -187,8 +181,9 @@ def encode(cfg: dict, method: str, dataset: str, bits: int, threads: int | None 
     """Encode the database and queries with the run's fitted model (on a free GPU where the method uses one)."""
     from .. import methods
     from ..codes import write_codes
+    from ..device import set_threads
 
-    _set_threads(threads)
+    set_threads(threads)
     model, out = model_for(cfg, method, dataset, bits), Layout.of(cfg).codes(method, dataset, bits)
     with on_free_gpus(1 if uses_gpu(cfg, dataset, method) else 0):
         codes = methods.get(method).encode(
