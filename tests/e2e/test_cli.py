@@ -15,7 +15,7 @@ import torch
 from conmh.cli import main
 from conmh.codes import read_codes, unpack_bits
 from conmh.synthetic import MiniatureSpec, make_miniature
-from helpers.conmh_runs import one_thread
+from helpers.conmh_runs import one_thread, train_argv
 
 TINY = MiniatureSpec(n_train=64, n_database=40, n_queries=12, feature_dim=32, n_classes=4)
 
@@ -28,31 +28,7 @@ def tiny(tmp_path_factory) -> Path:
     # named: the thread count changes the weights' bits, and tests before this one (tests/unit's
     # conftest) may have set this process's.
     with one_thread():
-        code = main(
-            [
-                "train",
-                "--dataset",
-                "activitynet",
-                "--data-dir",
-                str(root / "data"),
-                "--bits",
-                "16",
-                "--out-dir",
-                str(root / "run"),
-                "--preset",
-                "mini",
-                "--epochs",
-                "2",
-                "--batch-size",
-                "16",
-                "--device",
-                "cpu",
-                "--no-progress",
-                "--threads",
-                "1",
-                "--default-allocator",
-            ]
-        )
+        code = main([*train_argv(root / "data", root / "run", epochs=2), "--default-allocator"])
     assert code == 0
     return root
 
@@ -141,32 +117,8 @@ def test_encode_is_the_model_sign_of_the_frame_mean(tiny: Path, encoded: Path) -
 
 def test_rerun_of_a_finished_training_changes_nothing(tiny: Path) -> None:
     before = (tiny / "run" / "model.pt").read_bytes()
-    assert (
-        main(
-            [
-                "train",
-                "--dataset",
-                "activitynet",
-                "--data-dir",
-                str(tiny / "data"),
-                "--bits",
-                "16",
-                "--out-dir",
-                str(tiny / "run"),
-                "--preset",
-                "mini",
-                "--epochs",
-                "2",
-                "--batch-size",
-                "16",
-                "--device",
-                "cpu",
-                "--no-progress",
-                "--default-allocator",
-            ]
-        )
-        == 0
-    )
+    with one_thread():
+        assert main([*train_argv(tiny / "data", tiny / "run", epochs=2), "--default-allocator"]) == 0
     assert (tiny / "run" / "model.pt").read_bytes() == before
 
 
@@ -179,28 +131,7 @@ def test_allocator_setting_does_not_change_the_result(tiny: Path, tmp_path: Path
         timeout=60,
     )
     assert proc.stdout.strip() == "True"  # glibc took the setting (this suite runs on Linux)
-    proc = run_cli(
-        "train",
-        "--dataset",
-        "activitynet",
-        "--data-dir",
-        str(tiny / "data"),
-        "--bits",
-        "16",
-        "--out-dir",
-        str(tmp_path / "run"),
-        "--preset",
-        "mini",
-        "--epochs",
-        "2",
-        "--batch-size",
-        "16",
-        "--device",
-        "cpu",
-        "--no-progress",
-        "--threads",
-        "1",
-    )
+    proc = run_cli(*train_argv(tiny / "data", tmp_path / "run", epochs=2))
     assert proc.returncode == 0, proc.stderr
     same = (tmp_path / "run" / "model.pt").read_bytes() == (tiny / "run" / "model.pt").read_bytes()
     assert same, "the model's bytes differ"  # (not the bytes themselves: pytest's diff of 2 MB takes minutes)
