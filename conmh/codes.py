@@ -191,6 +191,11 @@ def write_codes(path: str | os.PathLike, codes: Codes) -> None:
             raise CodesError(
                 f"codes to write to {path}: attribute {key!r} must be str, int or float, found {type(value).__name__}"
             )
+    strings = {"dataset": codes.dataset, "method": codes.method, **codes.attrs}
+    for key, value in strings.items():
+        # Fixed-length strings are NUL-padded: a trailing NUL would be read back as padding, and lost.
+        if isinstance(value, str) and value.endswith("\0"):
+            raise CodesError(f"codes to write to {path}: attribute {key!r} ends with a NUL character ({value!r})")
     with atomic_path(path) as tmp:
         # libver v110: object headers carry checksums, so damaged metadata (a chunk
         # address, an attribute) fails to read instead of reading as zeros; strings

@@ -347,7 +347,7 @@ def _params():
             yield pytest.param(name, command, marks=marks, id=f"{name}-{command}")
 
 
-@pytest.mark.parametrize("name, command", _params())
+@pytest.mark.parametrize("name, command", list(_params()))
 def test_bad_input_is_refused_clearly(tmp_path: Path, reference_run: Reference, capfd, name: str, command: str) -> None:
     case = CASES[name]
     scratch = Scratch(tmp_path, reference_run)
