@@ -12,7 +12,7 @@ found by counting (how many items lie within t, for a few t), and the items
 at or below it are placed by a counting sort, in index order within a
 distance. No N x N matrix and no sort of a row is ever formed. The kernels
 are compiled with numba (``conmh.kernels``) and run blocks of queries in
-parallel. Written by hand because no library ranks with this tie rule:
+parallel on a thread pool. Written by hand because no library ranks with this tie rule:
 faiss's ``IndexBinaryFlat`` finds the same distances but orders equal ones
 its own way (``conmh export`` writes one; docs/search.md).
 """
@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -67,24 +68,29 @@ def row_dtype(nbits: int) -> np.dtype:
 
 
 def run_kernel(kernel: Callable, n_queries: int, chunk: int, workers: int | None, *args) -> None:
-    """Run a parallel kernel of ``conmh.kernels`` on ``workers`` numba threads (default: numba's number).
+    """Run a kernel of ``conmh.kernels`` over every query, in blocks, on ``workers`` threads (default: every
+    usable CPU).
 
-    The kernel's first argument is the block size (queries per parallel
-    task): at most ``chunk``, smaller when there are too few queries to give
-    every thread several blocks. Results do not depend on either.
+    A kernel call ranks queries ``start`` to ``stop`` - 1 without holding the
+    GIL, so blocks run in parallel on a thread pool, handed out one at a
+    time (a slow thread takes fewer). A block is at most ``chunk`` queries,
+    fewer when there are too few queries to give every thread several
+    blocks. Results do not depend on either.
     """
-    import numba
-
-    previous = numba.get_num_threads()
-    threads = previous if workers is None else min(int(workers), numba.config.NUMBA_NUM_THREADS)
+    threads = available_cpus() if workers is None else int(workers)
     block = max(1, min(int(chunk), -(-n_queries // (4 * threads))))
-    numba.set_num_threads(threads)
-    chunksize = numba.set_parallel_chunksize(1)  # blocks handed out one at a time: a slow thread does fewer
-    try:
-        kernel(block, *args)
-    finally:
-        numba.set_parallel_chunksize(chunksize)
-        numba.set_num_threads(previous)
+    starts = range(0, n_queries, block)
+
+    def run_block(start: int) -> None:
+        kernel(start, min(start + block, n_queries), *args)
+
+    if threads == 1 or len(starts) == 1:
+        for start in starts:
+            run_block(start)
+        return
+    with ThreadPoolExecutor(min(threads, len(starts))) as pool:
+        for _ in pool.map(run_block, starts):  # in order, re-raising a block's error
+            pass
 
 
 def check_codes(name: str, codes: np.ndarray, nbits: int, allow_empty: bool) -> None:
@@ -123,8 +129,7 @@ def hamming_search(
     by ascending database index (``TIE_RULE``), the ranking whose top K
     ``conmh.metrics`` scores. k' = min(k, N): a k beyond the database returns all of it.
     At most ``chunk`` queries form one parallel task, run on ``workers``
-    threads (default: numba's thread count, all usable CPUs unless
-    ``NUMBA_NUM_THREADS`` says otherwise); the result does not depend on either. Zero queries give
+    threads (default: every usable CPU); the result does not depend on either. Zero queries give
     (0, k') arrays.
     """
     check_count("nbits", nbits)

@@ -6,8 +6,11 @@ distance found by counting, then the items at or below it placed by a
 counting sort, equal distances in ascending index: ``conmh.hamming.TIE_RULE``),
 and for the evaluation, the histogram of the row and of its relevant items
 (precision and recall at every radius), AP@K from the top k and, on request,
-the rank of every relevant item (AP over the whole ranking). Queries are
-processed in blocks in parallel (``prange``); each block owns its scratch.
+the rank of every relevant item (AP over the whole ranking). A kernel call
+ranks one block of queries with its own scratch and releases the GIL
+(``nogil``), so that ``conmh.hamming.run_kernel`` runs blocks on several
+Python threads: serial kernels compile in a fraction of the time of numba's
+``parallel=True`` ones and load faster from the cache (benchmarks/README.md).
 
 Imported only by the functions that run a kernel, so that ``import conmh``
 and the commands that rank nothing do not load numba. Compiled once per
@@ -16,14 +19,8 @@ word and row dtype and cached on disk (``cache=True``).
 
 from __future__ import annotations
 
-import numba
 import numpy as np
-from numba import njit, prange
-
-# numba's own thread pool rather than OpenMP: numba's OpenMP layer sets the process's OpenMP thread count,
-# which torch shares, so a ranking inside a training process (``conmh train --eval-every`` with ``--threads
-# 1``) would change training's thread count, and with it the order of float sums and the weights.
-numba.config.THREADING_LAYER = "workqueue"
+from numba import njit
 
 _M1 = np.uint64(0x5555555555555555)
 _M2 = np.uint64(0x3333333333333333)
@@ -147,23 +144,22 @@ def nearest(row, k, kth, below, out, first, counts, scratch):
     out[below:k] = first[:need_eq]
 
 
-@njit(parallel=True, cache=True)
-def search_kernel(chunk, q_words, db_words, row_like, nbits, indices, distances):
-    """Top k (k = indices.shape[1]) of every query, ranked by ``TIE_RULE``; blocks of ``chunk`` queries in parallel."""
-    n, nq, k = db_words.shape[1], q_words.shape[1], indices.shape[1]
-    for b in prange((nq + chunk - 1) // chunk):
-        row = np.empty(n, row_like.dtype)
-        scratch = np.empty(1, row_like.dtype)
-        first = np.empty(k, np.int64)
-        counts = np.empty(nbits + 2, np.int64)
-        guess = nbits // 2
-        for i in range(b * chunk, min((b + 1) * chunk, nq)):
-            distance_row(q_words[:, i], db_words, row)
-            kth, below = kth_and_below(row, k, nbits, guess, scratch)
-            guess = kth
-            nearest(row, k, kth, below, indices[i], first, counts, scratch)
-            for r in range(k):
-                distances[i, r] = row[indices[i, r]]
+@njit(nogil=True, cache=True)
+def search_kernel(start, stop, q_words, db_words, row_like, nbits, indices, distances):
+    """Top k (k = indices.shape[1]) of queries ``start`` to ``stop`` - 1, ranked by ``TIE_RULE``."""
+    n, k = db_words.shape[1], indices.shape[1]
+    row = np.empty(n, row_like.dtype)
+    scratch = np.empty(1, row_like.dtype)
+    first = np.empty(k, np.int64)
+    counts = np.empty(nbits + 2, np.int64)
+    guess = nbits // 2
+    for i in range(start, stop):
+        distance_row(q_words[:, i], db_words, row)
+        kth, below = kth_and_below(row, k, nbits, guess, scratch)
+        guess = kth
+        nearest(row, k, kth, below, indices[i], first, counts, scratch)
+        for r in range(k):
+            distances[i, r] = row[indices[i, r]]
 
 
 @njit(cache=True)
@@ -251,9 +247,10 @@ def _kth_from_histogram(hist8, k):
     return hist8.shape[1] - 1, below  # not reached: k <= the row's length
 
 
-@njit(parallel=True, cache=True)
+@njit(nogil=True, cache=True)
 def evaluate_kernel(
-    chunk,
+    start,
+    stop,
     q_words,
     db_words,
     row_like,
@@ -271,7 +268,7 @@ def evaluate_kernel(
     n_relevant,
     full_ap,
 ):
-    """Every measure of every query from one computation of its distance row.
+    """Every measure of queries ``start`` to ``stop`` - 1, each from one computation of its distance row.
 
     Relevance: database item m is relevant to query i when it is in the
     member list of one of the query's classes (CSR: ``q_classes[q_ptr[i]:q_ptr[i+1]]``,
@@ -282,79 +279,78 @@ def evaluate_kernel(
     counting probes needed here). Floating-point operations are those of the
     formulas' numpy transcription, in its order: the results are the same bits.
     """
-    n, nq, bins = db_words.shape[1], q_words.shape[1], nbits + 1
-    for b in prange((nq + chunk - 1) // chunk):
-        row = np.empty(n, row_like.dtype)
-        scratch = np.empty(1, row_like.dtype)
-        top = np.empty(kmax, np.int64)
-        first = np.empty(kmax, np.int64)
-        counts = np.empty(nbits + 2, np.int64)
-        gain = np.empty(kmax, np.float64)
-        mark = np.zeros(n, np.bool_)
-        rel = np.empty(n, np.int64)
-        same_before = np.empty(n if full else 0, np.int64)
-        terms = np.empty(n if full else 0, np.float64)
-        hist8 = np.empty((8, bins), np.int32)
-        hist_rel = np.empty(bins, np.int64)
-        for i in range(b * chunk, min((b + 1) * chunk, nq)):
-            distance_row(q_words[:, i], db_words, row)
-            # the relevant items: the union of the query's classes' members
-            nr = 0
-            for c in q_classes[q_ptr[i] : q_ptr[i + 1]]:
-                for m in members[m_ptr[c] : m_ptr[c + 1]]:
-                    if not mark[m]:
-                        mark[m] = True
-                        rel[nr] = m
-                        nr += 1
-            n_relevant[i] = nr
-            # histogram of the row; with ``full``, taken in index order up to each relevant item, which
-            # gives the items of its distance ranked before it
-            hist8[:] = 0
-            if full and nr:
-                rel[:nr].sort()
-                pos = 0
-                for j in range(nr):
-                    m = rel[j]
-                    _histogram(row, pos, m, hist8)
-                    d = row[m]
-                    same_before[j] = _bin(hist8, d)
-                    hist8[0, d] += 1
-                    pos = m + 1
-                _histogram(row, pos, n, hist8)
-            else:
-                _histogram(row, 0, n, hist8)
-            # AP@K = (1/K) sum_{r <= K} rel(r) P(r) over the ranking's top kmax
-            kth, below = _kth_from_histogram(hist8, kmax)
-            nearest(row, kmax, kth, below, top, first, counts, scratch)
-            hits, g = 0, 0.0
-            for r in range(kmax):
-                if mark[top[r]]:
-                    hits += 1
-                    g += hits / (r + 1)
-                gain[r] = g
-            for j in range(ks.size):
-                ap[i, j] = gain[min(ks[j], kmax) - 1] / ks[j]
-            # precision and recall at every radius
-            hist_rel[:] = 0
+    n, bins = db_words.shape[1], nbits + 1
+    row = np.empty(n, row_like.dtype)
+    scratch = np.empty(1, row_like.dtype)
+    top = np.empty(kmax, np.int64)
+    first = np.empty(kmax, np.int64)
+    counts = np.empty(nbits + 2, np.int64)
+    gain = np.empty(kmax, np.float64)
+    mark = np.zeros(n, np.bool_)
+    rel = np.empty(n, np.int64)
+    same_before = np.empty(n if full else 0, np.int64)
+    terms = np.empty(n if full else 0, np.float64)
+    hist8 = np.empty((8, bins), np.int32)
+    hist_rel = np.empty(bins, np.int64)
+    for i in range(start, stop):
+        distance_row(q_words[:, i], db_words, row)
+        # the relevant items: the union of the query's classes' members
+        nr = 0
+        for c in q_classes[q_ptr[i] : q_ptr[i + 1]]:
+            for m in members[m_ptr[c] : m_ptr[c + 1]]:
+                if not mark[m]:
+                    mark[m] = True
+                    rel[nr] = m
+                    nr += 1
+        n_relevant[i] = nr
+        # histogram of the row; with ``full``, taken in index order up to each relevant item, which
+        # gives the items of its distance ranked before it
+        hist8[:] = 0
+        if full and nr:
+            rel[:nr].sort()
+            pos = 0
             for j in range(nr):
-                hist_rel[row[rel[j]]] += 1
-            retrieved, hit = 0, 0
-            for r in range(bins):
-                retrieved += _bin(hist8, r)
-                hit += hist_rel[r]
-                precision[i, r] = hit / retrieved if retrieved > 0 else 0.0
-                recall[i, r] = hit / nr if nr > 0 else 0.0
-            if full and nr:
-                # rank of a relevant item (from 1) = items at smaller distances + same distance before it + 1
-                acc = 0
-                for d in range(bins):
-                    counts[d] = acc  # items below distance d
-                    acc += _bin(hist8, d)
-                for j in range(nr):
-                    same_before[j] += counts[row[rel[j]]] + 1
-                ranks = np.sort(same_before[:nr])
-                for j in range(nr):
-                    terms[j] = (j + 1) / ranks[j]
-                full_ap[i] = numpy_sum(terms, 0, nr) / nr  # np.mean, as the formula's transcription
+                m = rel[j]
+                _histogram(row, pos, m, hist8)
+                d = row[m]
+                same_before[j] = _bin(hist8, d)
+                hist8[0, d] += 1
+                pos = m + 1
+            _histogram(row, pos, n, hist8)
+        else:
+            _histogram(row, 0, n, hist8)
+        # AP@K = (1/K) sum_{r <= K} rel(r) P(r) over the ranking's top kmax
+        kth, below = _kth_from_histogram(hist8, kmax)
+        nearest(row, kmax, kth, below, top, first, counts, scratch)
+        hits, g = 0, 0.0
+        for r in range(kmax):
+            if mark[top[r]]:
+                hits += 1
+                g += hits / (r + 1)
+            gain[r] = g
+        for j in range(ks.size):
+            ap[i, j] = gain[min(ks[j], kmax) - 1] / ks[j]
+        # precision and recall at every radius
+        hist_rel[:] = 0
+        for j in range(nr):
+            hist_rel[row[rel[j]]] += 1
+        retrieved, hit = 0, 0
+        for r in range(bins):
+            retrieved += _bin(hist8, r)
+            hit += hist_rel[r]
+            precision[i, r] = hit / retrieved if retrieved > 0 else 0.0
+            recall[i, r] = hit / nr if nr > 0 else 0.0
+        if full and nr:
+            # rank of a relevant item (from 1) = items at smaller distances + same distance before it + 1
+            acc = 0
+            for d in range(bins):
+                counts[d] = acc  # items below distance d
+                acc += _bin(hist8, d)
             for j in range(nr):
-                mark[rel[j]] = False
+                same_before[j] += counts[row[rel[j]]] + 1
+            ranks = np.sort(same_before[:nr])
+            for j in range(nr):
+                terms[j] = (j + 1) / ranks[j]
+            full_ap[i] = numpy_sum(terms, 0, nr) / nr  # np.mean, as the formula's transcription
+        for j in range(nr):
+            mark[rel[j]] = False

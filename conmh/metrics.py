@@ -152,8 +152,8 @@ def map_at_k(
     is the FCVID protocol: the queries are the database and self-matches
     count. A query without any label has AP 0 and counts in the mean. Ties
     are ranked by ascending database index (``TIE_RULE``). At most ``chunk``
-    queries form one parallel task, on ``workers`` threads (default: numba's
-    thread count, all usable CPUs unless ``NUMBA_NUM_THREADS`` says otherwise).
+    queries form one parallel task, on ``workers`` threads (default: every
+    usable CPU).
     """
     ks = tuple(ks)
     ap = average_precision_at_k(db, db_labels, queries, query_labels, nbits, ks, chunk=chunk, workers=workers)

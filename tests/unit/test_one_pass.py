@@ -111,8 +111,9 @@ def test_threads_and_blocks_change_nothing() -> None:
 
 
 def test_ranking_leaves_torchs_thread_count_alone():
-    """numba's OpenMP threading layer would set the OpenMP thread count torch shares (1 -> all cores): a
-    training that evaluates while it trains would then sum in another order than one that does not."""
+    """Ranking must not change the thread count torch uses (numba's OpenMP threading layer, used by an
+    earlier version, set it from 1 to all cores): a training that evaluates while it trains would then
+    sum in another order than one that does not."""
     import subprocess
     import sys
 
