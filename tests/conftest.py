@@ -15,6 +15,8 @@ Each folder is one kind, and its tests carry that kind's marker:
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -43,29 +45,55 @@ def snakemake_run(tmp_path_factory) -> Path:
     return repo
 
 
+def built_once(tmp_path_factory, worker_id: str, name: str, build: Callable[[Path], None]) -> Path:
+    """The folder ``name``, filled by ``build(folder)`` once per test session, even under pytest-xdist:
+    the first worker to ask builds it under a lock, the others wait for it and share it (pytest-xdist's
+    recipe for session fixtures). Its users must not change it."""
+    from filelock import FileLock
+
+    if worker_id == "master":  # one process (-n 0)
+        folder = tmp_path_factory.mktemp(name)
+        build(folder)
+        return folder
+    root = tmp_path_factory.getbasetemp().parent  # this session's folder, shared by its workers
+    folder, done = root / name, root / f"{name}.built"
+    with FileLock(root / f"{name}.lock"):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a failed attempt of another worker
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
-def snakemake_test_run(tmp_path_factory) -> Path:
+def snakemake_test_run(tmp_path_factory, worker_id) -> Path:
     """The .test configuration (one dataset at one code length, every rule and method) under Snakemake,
     as CI runs it: ``snakemake --configfile .test/config.yaml``. The DVC and SLURM runs of the same
-    configuration are compared with it."""
+    configuration are compared with it. Built once per session (``built_once``): read it, never change it."""
     from helpers.repo import copy_repo, output, snakemake
 
-    repo = copy_repo(tmp_path_factory.mktemp("snakemake-test") / "repo")
-    proc = snakemake(repo, "--cores", "2", "--configfile", ".test/config.yaml")
-    assert proc.returncode == 0, output(proc)[-5000:]
-    return repo
+    def build(folder: Path) -> None:
+        repo = copy_repo(folder / "repo")
+        proc = snakemake(repo, "--cores", "2", "--configfile", ".test/config.yaml")
+        assert proc.returncode == 0, output(proc)[-5000:]
+
+    return built_once(tmp_path_factory, worker_id, "snakemake-test", build) / "repo"
 
 
 @pytest.fixture(scope="session")
-def dvc_test_run(tmp_path_factory) -> Path:
+def dvc_test_run(tmp_path_factory, worker_id) -> Path:
     """``dvc repro`` of the .test configuration in a fresh copy of the repository (a git repository whose
     config.yaml is config.yaml with .test/config.yaml applied), then everything git tracks committed
     (dvc.lock and results/); the models, codes and data are in its DVC cache only. The DVC test of
-    tests/e2e/test_pipeline.py checks it; tests/remote pushes and pulls it (adding remotes to it, nothing else)."""
+    tests/e2e/test_pipeline.py checks it; tests/remote pushes and pulls a copy of it. Built once per
+    session (``built_once``): read it, never change it."""
     from helpers.repo import commit_all, output, repo_with_test_config, run
 
-    repo = repo_with_test_config(tmp_path_factory.mktemp("dvc-test") / "repo")
-    proc = run(["dvc", "repro"], repo, timeout=1500)
-    assert proc.returncode == 0, output(proc)[-5000:]
-    commit_all(repo, "dvc repro")
-    return repo
+    def build(folder: Path) -> None:
+        repo = repo_with_test_config(folder / "repo")
+        proc = run(["dvc", "repro"], repo, timeout=1500)
+        assert proc.returncode == 0, output(proc)[-5000:]
+        commit_all(repo, "dvc repro")
+
+    return built_once(tmp_path_factory, worker_id, "dvc-test", build) / "repo"

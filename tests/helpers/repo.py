@@ -155,3 +155,13 @@ def snakemake(cwd: Path, *args: str, timeout: int = 900) -> subprocess.Completed
 
 def output(proc: subprocess.CompletedProcess) -> str:
     return proc.stdout + proc.stderr
+
+
+def metrics_of(repo: Path) -> dict[str, dict]:
+    """Every metrics file of a run's results, by its path under results/metrics."""
+    import json
+
+    return {
+        str(p.relative_to(repo / "results" / "metrics")): json.loads(p.read_text())
+        for p in sorted((repo / "results" / "metrics").glob("*/*.json"))
+    }

@@ -6,6 +6,7 @@ with the reason; with CONMH_REQUIRE_REMOTE set (as in .ci/run) they fail instead
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,11 +43,16 @@ def ssh_server(tmp_path_factory) -> Iterator[SSHServer]:
 
 
 @pytest.fixture(scope="session")
-def trained(dvc_test_run) -> Path:
-    """The trainer's repository: ``dvc repro`` of the .test configuration, everything git tracks
+def trained(dvc_test_run, tmp_path_factory) -> Path:
+    """The trainer's repository: a copy of ``dvc repro`` of the .test configuration (tests/conftest.py
+    ``dvc_test_run``, shared with another test: the remote tests change theirs), everything git tracks
     committed (dvc.lock and results/); the models, codes and data are in its DVC cache only."""
     require_programs()
-    return dvc_test_run
+
+    def dvc_tmp(folder: str, names: list[str]) -> set[str]:  # DVC's locks and state: remade by DVC
+        return {"tmp"} if Path(folder).name == ".dvc" else set()
+
+    return Path(shutil.copytree(dvc_test_run, tmp_path_factory.mktemp("trainer") / "repo", ignore=dvc_tmp))
 
 
 @dataclass(frozen=True)
