@@ -38,14 +38,15 @@ from conmh.synthetic import MiniatureSpec, make_miniature
 from helpers.repo import copy_repo
 
 PROFILE = ROOT / "workflow" / "profiles" / "slurm" / "config.yaml"
+POLLING_EVERY_SECOND = Path(__file__).parent / "snakemake_polling_every_second.py"  # snakemake, see there
 GPU_RULES = ("fit", "encode")  # the rules the profile sends to CONMH_SLURM_GPU_PARTITION (every method's jobs)
 
 
 def site_profile(cluster: Cluster, folder: Path, fit_tasks: int | None = None) -> Path:
     """A profile to put after workflow/profiles/slurm for this cluster: the same resources with memory
     requests capped at a node's memory (the profile asks up to 64 GB for real data), one thread per job
-    (as the local run: the same threads give the same numbers), and status checks every second (a real
-    cluster's jobs take minutes; these take seconds)."""
+    (as the local run: the same threads give the same numbers), and the first status check after a second
+    (a real cluster's jobs take minutes; these take seconds; see also snakemake_on_slurm)."""
 
     def capped(resources: dict) -> dict:
         return {k: min(int(v), cluster.node_memory_mb) if k == "mem_mb" else v for k, v in resources.items()}
@@ -66,9 +67,11 @@ def site_profile(cluster: Cluster, folder: Path, fit_tasks: int | None = None) -
 
 
 def snakemake_on_slurm(cluster: Cluster, repo: Path, site: Path, *args: str) -> tuple[str, str]:
-    """Run Snakemake with the slurm profile in ``repo``; (its output, the SLURM run id naming its jobs)."""
+    """Run Snakemake with the slurm profile in ``repo``, checking the jobs' status every second
+    (snakemake_polling_every_second.py); (its output, the SLURM run id naming its jobs)."""
     proc = subprocess.run(
-        ["snakemake", "--profile", "workflow/profiles/slurm", "--profile", str(site), *args],
+        [sys.executable, str(POLLING_EVERY_SECOND), "--profile", "workflow/profiles/slurm", "--profile", str(site)]
+        + list(args),
         cwd=repo,
         env=cluster.env(),
         capture_output=True,
