@@ -78,7 +78,7 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
         help="torch device: auto (CUDA when present, else CPU), cpu, cuda or cuda:N (default: auto)",
     )
     p.add_argument(
-        "--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's choice)"
+        "--threads", type=_positive_int, default=None, help="threads of torch and numpy's BLAS (default: theirs)"
     )
     p.add_argument("--no-progress", action="store_true", help="do not draw progress bars")
 

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from threadpoolctl import threadpool_limits
 
 from .errors import ConfigError
 from .loader import ResidentBatches, StreamingBatches
@@ -29,10 +30,16 @@ COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def set_threads(threads: int | None) -> None:
-    """Run torch on ``threads`` threads in this process (None or 0: torch's default). The count changes the
-    order of float sums, so runs compared bit for bit name it."""
+    """Run torch and numpy's BLAS on ``threads`` threads in this process (None or 0: their defaults).
+
+    The count changes the order of float sums (ConMH's weights, ITQ's fitted
+    rotation), so runs compared bit for bit name it. BLAS is set here rather
+    than left to OPENBLAS_NUM_THREADS, which Snakemake sets to a job's
+    threads and a DVC stage does not.
+    """
     if threads:
         torch.set_num_threads(threads)
+        threadpool_limits(limits=threads, user_api="blas")
 
 
 def select_device(name: str = "auto") -> torch.device:

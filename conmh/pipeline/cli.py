@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", choices=dataset_names())
     parser.add_argument("--bits", type=int)
     parser.add_argument("--method", choices=methods.names(), help="fit, encode, evaluate: the method (conmh/methods/)")
-    parser.add_argument("--threads", type=int, help="fit, encode: torch threads (default: config's threads)")
+    parser.add_argument("--threads", type=int, help="fit, encode: torch and BLAS threads (default: config's)")
     parser.add_argument(
         "--config", type=Path, default=Path("config.yaml"), help="configuration file (default: config.yaml)"
     )

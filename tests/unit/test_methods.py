@@ -82,3 +82,28 @@ def test_the_configuration_lists_known_methods_each_with_its_options():
     assert settings.check_config({**raw, "options": {**raw["options"], "lsh": {"seed": "2"}}})["options"]["lsh"] == {
         "seed": 2
     }
+
+
+def test_the_steps_thread_count_reaches_numpys_blas():
+    """Snakemake sets OPENBLAS_NUM_THREADS to a job's threads, a DVC stage does not: the thread count the
+    steps set (``conmh.device.set_threads``) must reach numpy's BLAS itself, or the two engines fit
+    different ITQ models (its rotation's low bits depend on the BLAS thread count)."""
+    import os
+    import subprocess
+    import sys
+
+    from conmh.hamming import available_cpus
+
+    if available_cpus() < 2:
+        pytest.skip("one CPU: BLAS runs one thread anyway")
+    code = (
+        "import numpy\n"
+        "from threadpoolctl import threadpool_info\n"
+        "from conmh.device import set_threads\n"
+        "set_threads(1)\n"
+        "print(sorted({i['num_threads'] for i in threadpool_info() if i['user_api'] == 'blas'}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[1]"
