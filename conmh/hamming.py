@@ -84,7 +84,7 @@ def run_kernel(kernel: Callable, n_queries: int, chunk: int, workers: int | None
     def run_block(start: int) -> None:
         kernel(start, min(start + block, n_queries), *args)
 
-    if threads == 1 or len(starts) == 1:
+    if threads == 1 or len(starts) <= 1:  # no pool for one block (or none: zero queries)
         for start in starts:
             run_block(start)
         return

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conmh.codes import Codes, pack_bits
-from conmh.hamming import hamming_search
+from conmh.hamming import hamming_search, run_kernel
 from conmh.metrics import (
     average_precision_at_k,
     evaluate_detailed,
@@ -128,3 +128,10 @@ def test_ranking_leaves_torchs_thread_count_alone():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
     assert proc.stdout.strip() == "1"
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_running_a_kernel_over_no_queries_calls_nothing(workers):
+    calls = []
+    run_kernel(lambda *args: calls.append(args), 0, 256, workers)
+    assert calls == []
