@@ -85,8 +85,8 @@ def snakemake_test_run(tmp_path_factory, worker_id) -> Path:
 def dvc_test_run(tmp_path_factory, worker_id) -> Path:
     """``dvc repro`` of the .test configuration in a fresh copy of the repository (a git repository whose
     config.yaml is config.yaml with .test/config.yaml applied), then everything git tracks committed
-    (dvc.lock and results/); the models, codes and data are in its DVC cache only. The DVC test of
-    tests/e2e/test_pipeline.py checks it; tests/remote pushes and pulls a copy of it. Built once per
+    (dvc.lock and results/); the models, codes and data are in its DVC cache only.
+    tests/e2e/test_dvc.py checks it; tests/remote pushes and pulls a copy of it. Built once per
     session (``built_once``): read it, never change it."""
     from helpers.repo import commit_all, output, repo_with_test_config, run
 
