@@ -108,8 +108,7 @@ def numerics(deterministic: bool = False) -> Iterator[None]:
         torch.backends.cudnn.allow_tf32,
         torch.backends.cudnn.deterministic,
         torch.backends.cudnn.benchmark,
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
+        *deterministic_flags(),
     )
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -127,10 +126,17 @@ def numerics(deterministic: bool = False) -> Iterator[None]:
             torch.backends.cudnn.allow_tf32,
             torch.backends.cudnn.deterministic,
             torch.backends.cudnn.benchmark,
-            deterministic_before,
-            warn_only_before,
+            *flags_before,
         ) = saved
-        torch.use_deterministic_algorithms(deterministic_before, warn_only=warn_only_before)
+        # Set again only where it changed: the call imports torch._inductor, the larger part of an encode
+        # process's start-up (benchmarks/README.md, "The default pipeline's jobs").
+        if deterministic_flags() != tuple(flags_before):
+            torch.use_deterministic_algorithms(flags_before[0], warn_only=flags_before[1])
+
+
+def deterministic_flags() -> tuple[bool, bool]:
+    """torch's deterministic-algorithms mode: (on, warn only)."""
+    return torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
 
 
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

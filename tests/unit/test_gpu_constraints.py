@@ -144,6 +144,31 @@ def test_deterministic_mode_sets_the_kernels_and_restores_the_callers_settings(m
     assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
 
 
+def test_float32_numerics_leave_torchs_compiler_unloaded_and_restore_a_callers_warn_only_mode() -> None:
+    """numerics() sets torch's deterministic mode again on exit only where it changed: setting it imports
+    torch._inductor, which every encode process paid for at exit. A fresh process, since this one's tests
+    may have loaded it."""
+    import subprocess
+    import sys
+
+    code = """
+import sys, torch
+from conmh.device import numerics
+with numerics():
+    pass
+print("torch._inductor" in sys.modules)
+with numerics(deterministic=True):
+    pass
+print(torch.are_deterministic_algorithms_enabled())
+torch.use_deterministic_algorithms(True, warn_only=True)
+with numerics(deterministic=True):
+    print(torch.is_deterministic_algorithms_warn_only_enabled())
+print(torch.is_deterministic_algorithms_warn_only_enabled())
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.split() == ["False", "False", "False", "True"]
+
+
 def test_plain_cuda_means_this_processs_gpu_by_number(monkeypatch) -> None:
     """Under torchrun `--device cuda` is the rank's GPU, which the command made current: the device is
     named by number, as DDP's device_ids and the log name it (a bare "cuda" left that to whatever was current)."""
