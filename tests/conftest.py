@@ -36,7 +36,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(scope="session")
 def snakemake_run(tmp_path_factory) -> Path:
     """The default (miniature) pipeline, the README's main job, run once per session with the local
-    executor in a fresh copy of the repository; tests/e2e/test_pipeline.py checks it."""
+    executor in a fresh copy of the repository; tests/e2e/test_default_run.py checks it."""
     from helpers.repo import copy_repo, output, snakemake
 
     repo = copy_repo(tmp_path_factory.mktemp("snakemake") / "repo")

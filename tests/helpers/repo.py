@@ -81,6 +81,12 @@ def compile_kernels() -> None:
             map_at_k(db, db_labels, *queries, 16)
 
 
+# The default run (config.yaml), the README's main job: every miniature at every code length, every method.
+DEFAULT_DATASETS = ("fcvid-mini", "activitynet-mini", "yfcc-mini")
+DEFAULT_BITS = (16, 32, 64)
+DEFAULT_METHODS = ("conmh", "itq", "lsh")
+
+
 # The configuration CI runs end to end (.test/config.yaml: one dataset at one code length, every rule and
 # every method, on a small miniature), applied on top of config.yaml as `snakemake --configfile` applies
 # it. The default nine-run pipeline runs once (tests/conftest.py `snakemake_run`); the other end-to-end
