@@ -40,8 +40,13 @@ def encode_inputs(wildcards):
 
 
 def fit_code(method):
-    """input function: the files whose change refits ``method`` (ConMH: the package's training code)."""
-    return training_code() if method == "conmh" else [method_file(method)]
+    """input function: the files whose change refits ``method`` (ConMH: the package's training code), as
+    paths relative to the working directory where they lie in it (this repository's conmh/): Snakemake
+    reruns a job whose set of input paths changed, so absolute ones retrained everything in a moved or
+    copied repository."""
+    files = training_code() if method == "conmh" else [method_file(method)]
+    here = Path.cwd().resolve()
+    return [str(f.resolve().relative_to(here)) if f.resolve().is_relative_to(here) else str(f) for f in files]
 
 
 def encode_gpus(wildcards):
