@@ -30,8 +30,6 @@ from helpers.repo import (
     with_test_config,
 )
 
-DATASETS, BITS, METHODS = DEFAULT_DATASETS, DEFAULT_BITS, DEFAULT_METHODS
-
 
 def dry_run_jobs(proc: subprocess.CompletedProcess) -> set[tuple[str, ...]]:
     """(rule, wildcard values...) of every job a `snakemake -n` printed."""
@@ -46,14 +44,14 @@ def dry_run_jobs(proc: subprocess.CompletedProcess) -> set[tuple[str, ...]]:
     return jobs
 
 
-def expected_jobs(datasets=DATASETS, bits=BITS, trained=None) -> set[tuple[str, ...]]:
+def expected_jobs(datasets=DEFAULT_DATASETS, bits=DEFAULT_BITS, trained=None) -> set[tuple[str, ...]]:
     trained = {(d, b) for d in datasets for b in bits} if trained is None else trained
     jobs = {("all",), ("report",)}
     for d in datasets:
         jobs |= {("download", d), ("verify", d)}
         for b in bits:
-            jobs |= {(step, m, d, str(b)) for step in ("encode", "evaluate") for m in METHODS}
-            jobs |= {("fit", m, d, str(b)) for m in METHODS if m != "conmh" or (d, b) in trained}
+            jobs |= {(step, m, d, str(b)) for step in ("encode", "evaluate") for m in DEFAULT_METHODS}
+            jobs |= {("fit", m, d, str(b)) for m in DEFAULT_METHODS if m != "conmh" or (d, b) in trained}
     return jobs
 
 
@@ -93,7 +91,7 @@ def test_full_paper_dry_run_lists_the_jobs_with_the_paper_recipe_on_gpus(repo, t
         f"conmh pipeline fit --method conmh --dataset {d} --bits {b} --threads 1 --config {config}"
         f" --log logs/fit/conmh-{d}-{b}bits.log"
         for d in RELEASES
-        for b in BITS
+        for b in DEFAULT_BITS
     )
     assert text.count("gpu=1") == 18  # ConMH's fit and encode jobs each ask for one GPU, the baselines' none
     # What those jobs run: the checked configuration with --config applied, read back.
@@ -114,7 +112,7 @@ def test_multi_node_gpu_training_asks_for_its_gpus_per_node(repo, tmp_path):
     proc = snakemake(repo, "-n", "--config", *real_config(tmp_path), "datasets=[fcvid]", "bits=[64]", distributed)
     assert proc.returncode == 0, output(proc)
     fits = re.findall(r"rule fit:.*?wildcards: [^\n]*method=(\w+).*?resources: ([^\n]*)", output(proc), re.S)
-    assert sorted(m for m, _ in fits) == sorted(METHODS)
+    assert sorted(m for m, _ in fits) == sorted(DEFAULT_METHODS)
     for method, resources in fits:  # the baselines fit on one node without GPUs
         want = "gpu=0, gres=gpu:4, nodes=2" if method == "conmh" else "gpu=0, gres=, nodes=1"
         assert resources.endswith(want), (method, resources)
@@ -122,13 +120,13 @@ def test_multi_node_gpu_training_asks_for_its_gpus_per_node(repo, tmp_path):
 
 def test_released_checkpoints_skip_training(repo, tmp_path):
     released = {}
-    for b in BITS:
+    for b in DEFAULT_BITS:
         released[b] = tmp_path / f"fcvid_{b}.pth"
         released[b].write_bytes(b"weights")
     checkpoints = "checkpoints={fcvid: {" + ", ".join(f"{b}: {p}" for b, p in released.items()) + "}}"
     proc = snakemake(repo, "-n", "-p", "--config", *real_config(tmp_path), checkpoints)
     assert proc.returncode == 0, output(proc)
-    trained = {(d, b) for d in ("activitynet", "yfcc") for b in BITS}
+    trained = {(d, b) for d in ("activitynet", "yfcc") for b in DEFAULT_BITS}
     assert dry_run_jobs(proc) == expected_jobs(datasets=RELEASES, trained=trained)
     from conmh.pipeline.config import model_for
 
@@ -148,7 +146,7 @@ def test_profiles_are_valid(repo, tmp_path, profile):
     assert proc.returncode == 0, output(proc)
     assert dry_run_jobs(proc) == expected_jobs(datasets=RELEASES)
     if profile == "slurm":  # fit and encode jobs get 8 threads on the cluster
-        assert output(proc).count("--threads 8") == 2 * len(METHODS) * 9
+        assert output(proc).count("--threads 8") == 2 * len(DEFAULT_METHODS) * 9
 
 
 def test_a_subset_runs_only_its_jobs(repo):
@@ -310,7 +308,7 @@ def test_what_a_change_reruns_under_snakemake(snakemake_test_run, tmp_path):
     assert planned() == set()
     run_ = (TEST_DATASET, str(TEST_BITS))
     # The K values: evaluation and the report only (before, every job ran again, training included).
-    assert planned("ks=[5,20]") == {("evaluate", m, *run_) for m in METHODS} | {("report",), ("all",)}
+    assert planned("ks=[5,20]") == {("evaluate", m, *run_) for m in DEFAULT_METHODS} | {("report",), ("all",)}
     # One method's option: that method's jobs only.
     lsh_seed = "options={conmh: {}, itq: {seed: 1}, lsh: {seed: 2}}"
     lsh_jobs = {(step, "lsh", *run_) for step in ("fit", "encode", "evaluate")}
