@@ -108,7 +108,7 @@ def numerics(deterministic: bool = False) -> Iterator[None]:
         torch.backends.cudnn.allow_tf32,
         torch.backends.cudnn.deterministic,
         torch.backends.cudnn.benchmark,
-        *deterministic_flags(),
+        deterministic_flags(),
     )
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -126,11 +126,11 @@ def numerics(deterministic: bool = False) -> Iterator[None]:
             torch.backends.cudnn.allow_tf32,
             torch.backends.cudnn.deterministic,
             torch.backends.cudnn.benchmark,
-            *flags_before,
+            flags_before,
         ) = saved
-        # Set again only where it changed: the call imports torch._inductor, the larger part of an encode
-        # process's start-up (benchmarks/README.md, "The default pipeline's jobs").
-        if deterministic_flags() != tuple(flags_before):
+        # Set again only where it changed: the call imports torch._inductor, which cost every encode
+        # process seconds at exit (benchmarks/README.md, "The default pipeline's jobs").
+        if deterministic_flags() != flags_before:
             torch.use_deterministic_algorithms(flags_before[0], warn_only=flags_before[1])
 
 

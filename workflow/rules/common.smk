@@ -44,9 +44,9 @@ def fit_code(method):
     paths relative to the working directory where they lie in it (this repository's conmh/): Snakemake
     reruns a job whose set of input paths changed, so absolute ones retrained everything in a moved or
     copied repository."""
-    files = training_code() if method == "conmh" else [method_file(method)]
+    files = [f.resolve() for f in (training_code() if method == "conmh" else [method_file(method)])]
     here = Path.cwd().resolve()
-    return [str(f.resolve().relative_to(here)) if f.resolve().is_relative_to(here) else str(f) for f in files]
+    return [str(f.relative_to(here)) if f.is_relative_to(here) else str(f) for f in files]
 
 
 def encode_gpus(wildcards):
