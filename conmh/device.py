@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import platform
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -18,6 +17,7 @@ from threadpoolctl import threadpool_limits
 
 from .errors import ConfigError
 from .loader import ResidentBatches, StreamingBatches
+from .machine import cpu_model
 
 # Data mode "auto": on the CPU, training arrays up to this size are held in
 # host memory; on CUDA, arrays that take at most GPU_RESIDENT_FRACTION of the
@@ -57,18 +57,6 @@ def select_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and device.index is None:  # the current GPU (under torchrun: this rank's), by number
         device = torch.device("cuda", torch.cuda.current_device())
     return device
-
-
-def cpu_model() -> str:
-    """The CPU's model name (Linux: /proc/cpuinfo), for logs and reports: speeds differ between machines."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def device_name(device: torch.device) -> str:

@@ -57,7 +57,7 @@ def software_table() -> pd.DataFrame:
     import platform
     from importlib import metadata
 
-    from ..device import cpu_model
+    from ..machine import cpu_model
 
     rows = [("python", platform.python_version()), ("platform", platform.platform()), ("cpu", cpu_model())]
     for name in ("conmh", "torch", "numpy", "scipy", "h5py", "pandas", "matplotlib", "seaborn", "snakemake", "dvc"):

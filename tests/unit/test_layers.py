@@ -72,3 +72,16 @@ def test_the_snakefile_reads_the_package_without_pandas_seaborn_or_torch():
     code = f"import sys, {', '.join(modules)}; print([m for m in {heavy!r} if m in sys.modules])"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == "[]"
+
+
+def test_the_reports_provenance_names_the_machine_without_importing_torch():
+    """The report job reads results only; torch would add about 2 s to every pipeline run's last job."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from conmh.pipeline.provenance import software_table; t = software_table(); "
+        "print(t.set_index('component').loc['cpu', 'version'] != '', 'torch' in sys.modules)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.split() == ["True", "False"]
