@@ -85,3 +85,14 @@ def test_the_reports_provenance_names_the_machine_without_importing_torch():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.split() == ["True", "False"]
+
+
+def test_every_folder_of_tests_is_collected():
+    """pyproject.toml lists the test folders (their order is the order pytest-xdist hands their files out):
+    a new folder missing from that list would never run."""
+    import tomllib
+
+    listed = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    tests = PACKAGE.parent / "tests"
+    with_tests = {p.parent.relative_to(PACKAGE.parent).as_posix() for p in tests.rglob("test_*.py")}
+    assert with_tests == set(listed["testpaths"])
