@@ -75,7 +75,8 @@ def test_the_snakefile_reads_the_package_without_pandas_seaborn_or_torch():
 
 
 def test_the_reports_provenance_names_the_machine_without_importing_torch():
-    """The report job reads results only; torch would add about 2 s to every pipeline run's last job."""
+    """The report job reads results only: importing torch would only slow every pipeline run's last job
+    (benchmarks/README.md, "The test suite and CI")."""
     import subprocess
     import sys
 
