@@ -12,12 +12,12 @@ import pandas as pd
 import pytest
 
 from conmh.pipeline.paper import PAPER_KS
-from helpers.repo import DEFAULT_BITS, DEFAULT_DATASETS, metrics_of, output, snakemake
+from helpers.repo import DEFAULT_BITS, DEFAULT_DATASETS, DEFAULT_METHODS, metrics_of, output, snakemake
 
 
 def test_miniature_pipeline_runs_end_to_end_and_training_beats_lsh(snakemake_run):
     table = pd.read_csv(snakemake_run / "results" / "table.csv")
-    assert len(table) == len(DEFAULT_DATASETS) * len(DEFAULT_BITS) * 3  # ConMH, ITQ, LSH
+    assert len(table) == len(DEFAULT_DATASETS) * len(DEFAULT_BITS) * len(DEFAULT_METHODS)
     assert set(table["data"]) == {"synthetic"}
     cols = [f"mAP@{k}" for k in PAPER_KS]
     for (dataset, bits), group in table.groupby(["dataset", "bits"]):
@@ -31,7 +31,8 @@ def test_miniature_pipeline_runs_end_to_end_and_training_beats_lsh(snakemake_run
     for name in drawn:
         assert (figures / name).stat().st_size > 1000
     pr = pd.read_csv(snakemake_run / "results" / "plots" / "pr_curve.csv")
-    assert len(pr) == len(DEFAULT_DATASETS) * 3 * sum(b + 1 for b in DEFAULT_BITS)  # a point per radius 0..bits
+    # a point per radius 0..bits
+    assert len(pr) == len(DEFAULT_DATASETS) * len(DEFAULT_METHODS) * sum(b + 1 for b in DEFAULT_BITS)
     per_query = pd.read_csv(snakemake_run / "work" / "metrics" / "yfcc-mini" / "itq-64bits.per_query.csv")
     assert per_query["ap@20"].mean() == pytest.approx(
         metrics_of(snakemake_run)["yfcc-mini/itq-64bits.json"]["map"]["20"]
