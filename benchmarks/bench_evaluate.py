@@ -65,6 +65,20 @@ def cpu_features() -> str:
     return f"family {fields.get('cpu family', '?')} model {fields.get('model', '?')}, {simd}"
 
 
+def instruction_sets(faiss_ran: bool) -> str:
+    """numba's compile target (NUMBA_CPU_NAME, e.g. haswell for AVX2 code on an AVX-512 machine) and, when
+    faiss ran, the SIMD level its dynamic dispatch chose (FAISS_SIMD_LEVEL, e.g. AVX2)."""
+    import numba
+
+    used = f"numba target {numba.config.CPU_NAME or 'host'}"
+    if faiss_ran:
+        import faiss
+
+        config = getattr(faiss, "SIMDConfig", None)  # faiss >= 1.13 (dynamic dispatch)
+        used += f", faiss {config.get_level_name() if config else 'as built'}"
+    return used
+
+
 def make_labelled(n: int, bits: int, classes: int, rng: np.random.Generator, prototypes: np.ndarray):
     """Class-clustered packed codes and multi-label labels (1-3 classes per video, 1% without a label)."""
     labels = np.zeros((n, classes), np.uint8)
@@ -171,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
 
     machine = f"{cpu_name()} ({cpu_features()})"
     print(f"{machine}; numba {numba.__version__}, numpy {np.__version__}, Python {platform.python_version()}")
+    print(f"instruction sets used: {instruction_sets(search_rows != [])}")
     print(f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after (1 min)")
     print()
     print("`conmh evaluate CODES --out M.json --per-query Q.csv` (every default measure), one process per run:")
