@@ -3,6 +3,8 @@
 # the pipeline's SLURM profile (workflow/profiles/slurm) and its multi-node launch.
 #
 #   tests/cluster/slurm-localhost.sh start    # installs what is missing (apt-get), starts the daemons
+#   tests/cluster/slurm-localhost.sh install [PACKAGE...]  # only installs, with other Debian packages
+#                                             # in the same apt-get run (.ci/run: the browser, sshd)
 #   tests/cluster/slurm-localhost.sh status   # exit 0 when every daemon runs and both nodes are usable
 #   tests/cluster/slurm-localhost.sh stop     # cancels the jobs, stops the daemons
 #
@@ -56,16 +58,16 @@ die() { say "error: $*"; exit 1; }
 
 # ---------------------------------------------------------------- installation
 
-missing_packages() {
+missing_packages() {  # missing_packages [PACKAGE...]: the cluster's packages and these, where not installed
     local pkg
-    for pkg in "${PACKAGES[@]}"; do
+    for pkg in "${PACKAGES[@]}" "$@"; do
         dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || echo "$pkg"
     done
 }
 
-install_packages() {
+install_packages() {  # install_packages [PACKAGE...]
     local missing
-    missing=$(missing_packages)
+    missing=$(missing_packages "$@")
     [ -z "$missing" ] && return 0
     command -v apt-get >/dev/null || die "apt-get not found; install these packages yourself: $missing"
     say "installing $(echo $missing)"
@@ -390,9 +392,16 @@ cmd_status() {
     return "$status"
 }
 
+cmd_install() {
+    [ "$(id -u)" -eq 0 ] || die "run as root (apt-get)"
+    mkdir -p "$LOG"
+    install_packages "$@"
+}
+
 case "${1:-}" in
     start) cmd_start ;;
+    install) shift; cmd_install "$@" ;;
     stop) cmd_stop ;;
     status) cmd_status ;;
-    *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+    *) echo "usage: $0 start|stop|status|install [PACKAGE...]" >&2; exit 2 ;;
 esac
