@@ -87,11 +87,19 @@ install_packages() {  # install_packages [PACKAGE...]
 
 # ---------------------------------------------------------------- processes
 
+# A daemon that exited stays a zombie until its parent reaps it (here init, which may take seconds):
+# kill -0 still finds it, ps shows its state Z.
+alive() {  # alive PID: the process exists and has not exited
+    local state
+    state=$(ps -o stat= -p "$1" 2>/dev/null) || return 1
+    [[ $state != Z* ]]
+}
+
 pid_of() {  # the pid in run/$1.pid when that process is alive
     local file=$RUN/$1.pid pid
     [ -s "$file" ] || return 1
     pid=$(cat "$file")
-    kill -0 "$pid" 2>/dev/null || return 1
+    alive "$pid" || return 1
     echo "$pid"
 }
 
@@ -111,11 +119,11 @@ stop_daemon() {
     local name=$1 pid i
     pid=$(pid_of "$name") || { rm -f "$RUN/$name.pid"; return 0; }
     kill "$pid" 2>/dev/null || true
-    for ((i = 0; i < 60; i++)); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.5
+    for ((i = 0; i < 300; i++)); do
+        alive "$pid" || break
+        sleep 0.1
     done
-    if kill -0 "$pid" 2>/dev/null; then
+    if alive "$pid"; then
         say "$name (pid $pid) ignored SIGTERM for 30s; killing it"
         kill -9 "$pid" 2>/dev/null || true
     fi
