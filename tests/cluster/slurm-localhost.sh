@@ -43,7 +43,7 @@ DB_PORT=16820
 SLURMD_PORTS=(16821 16822)
 HOST=$(hostname -s)
 NODES=("$HOST" "$HOST-2")
-PACKAGES=(munge mariadb-server mariadb-client slurmctld slurmd slurmdbd slurm-client)
+PACKAGES=(munge mariadb-server mariadb-client slurmctld slurmd slurmdbd slurm-client procps)  # procps: ps
 
 ETC=$STATE/etc
 RUN=$STATE/run
