@@ -401,7 +401,10 @@ cmd_status() {
 }
 
 cmd_install() {
-    [ "$(id -u)" -eq 0 ] || die "run as root (apt-get)"
+    local missing
+    missing=$(missing_packages "$@")
+    [ -z "$missing" ] && return 0
+    [ "$(id -u)" -eq 0 ] || die "run as root to install $(echo $missing) with apt-get"
     mkdir -p "$LOG"
     install_packages "$@"
 }
