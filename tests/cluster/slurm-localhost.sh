@@ -70,6 +70,8 @@ install_packages() {  # install_packages [PACKAGE...]
     missing=$(missing_packages "$@")
     [ -z "$missing" ] && return 0
     command -v apt-get >/dev/null || die "apt-get not found; install these packages yourself: $missing"
+    [ "$(id -u)" -eq 0 ] || die "run as root to install $(echo $missing) with apt-get"
+    mkdir -p "$LOG"
     say "installing $(echo $missing)"
     # Keep the packages' maintainer scripts from starting system-wide daemons.
     local policy=""
@@ -400,18 +402,9 @@ cmd_status() {
     return "$status"
 }
 
-cmd_install() {
-    local missing
-    missing=$(missing_packages "$@")
-    [ -z "$missing" ] && return 0
-    [ "$(id -u)" -eq 0 ] || die "run as root to install $(echo $missing) with apt-get"
-    mkdir -p "$LOG"
-    install_packages "$@"
-}
-
 case "${1:-}" in
     start) cmd_start ;;
-    install) shift; cmd_install "$@" ;;
+    install) shift; install_packages "$@" ;;
     stop) cmd_stop ;;
     status) cmd_status ;;
     *) echo "usage: $0 start|stop|status|install [PACKAGE...]" >&2; exit 2 ;;
