@@ -47,18 +47,14 @@ from pathlib import Path
 import numpy as np
 
 from conmh.hamming import available_cpus
+from conmh.machine import cpu_model
 from conmh.search import hamming_search
 
 CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
 def cpu_name() -> str:
-    try:
-        info = Path("/proc/cpuinfo").read_text(encoding="utf-8")
-    except OSError:
-        return platform.processor() or platform.machine()
-    names = [line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")]
-    return f"{names[0] if names else platform.machine()}, {os.cpu_count()} logical CPUs"
+    return f"{cpu_model()}, {os.cpu_count()} logical CPUs"
 
 
 def _status_kb(field: str) -> int:

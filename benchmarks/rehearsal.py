@@ -73,6 +73,7 @@ import yaml
 from conmh.atomic import write_text_atomic
 from conmh.datasets import get_layout
 from conmh.device import IN_MEMORY_LIMIT_BYTES
+from conmh.machine import cpu_model
 from conmh.pipeline.config import check_config, data_dir, load_config, recipe_changes, write_effective_config
 from conmh.pipeline.paper import figures_of
 from conmh.pipeline.paths import Layout
@@ -159,19 +160,11 @@ def parse_scale(text: str) -> tuple[str, float]:
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     import torch
 
     return {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "memory_gib": round(mem, 1),
         "python": platform.python_version(),

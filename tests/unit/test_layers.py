@@ -7,6 +7,8 @@ too), so a lazy import that would close a cycle at run time is caught here.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -62,8 +64,6 @@ def test_the_reader_of_imports_sees_lazy_and_relative_imports(tmp_path):
 def test_the_snakefile_reads_the_package_without_pandas_seaborn_or_torch():
     """Snakemake parses the Snakefile for every job (and every dry run): it must stay light."""
     import re
-    import subprocess
-    import sys
 
     snakefile = (PACKAGE.parent / "Snakefile").read_text(encoding="utf-8")
     modules = re.findall(r"^from (conmh[\w.]*) import", snakefile, re.MULTILINE)
@@ -77,9 +77,6 @@ def test_the_snakefile_reads_the_package_without_pandas_seaborn_or_torch():
 def test_the_reports_provenance_names_the_machine_without_importing_torch():
     """The report job reads results only: importing torch would only slow every pipeline run's last job
     (benchmarks/README.md, "The test suite and CI")."""
-    import subprocess
-    import sys
-
     code = (
         "import sys; from conmh.pipeline.provenance import software_table; t = software_table(); "
         "print(t.set_index('component').loc['cpu', 'version'] != '', 'torch' in sys.modules)"
