@@ -58,7 +58,10 @@ def download(cfg: dict, dataset: str) -> int:
 def miniature(cfg: dict, dataset: str) -> int:
     """Generate a miniature into its folder (DVC only: a cached output, which its download stage depends on;
     DVC cannot have a stage write a folder that is its own dependency). Snakemake's download step
-    generates a miniature itself."""
+    generates a miniature itself.
+
+    A miniature that ``datasets`` does not list gets an empty folder: dvc.yaml's matrix names every
+    miniature, and each of its stages must leave its output."""
     if is_real(dataset):
         from ..errors import ConfigError
 
@@ -66,6 +69,10 @@ def miniature(cfg: dict, dataset: str) -> int:
             f"{dataset} is a released dataset, not a miniature: its files are put in place, not generated"
         )
     folder = Path(data_dir(cfg, dataset))
+    if dataset not in cfg["datasets"]:
+        folder.mkdir(parents=True, exist_ok=True)
+        print(f"{dataset}: not in `datasets`, nothing generated in {folder}", file=sys.stderr)
+        return 0
     sizes = cfg["miniature"]["sizes"].get(dataset, {})
     result = data_files.miniature(
         dataset, folder, Path(Layout.of(cfg).manifest(dataset)), cfg["miniature"]["seed"], sizes

@@ -189,8 +189,12 @@ def test_a_push_cut_by_the_server_going_down_completes_when_repeated(trained, tm
         message = push.communicate(timeout=120)[0]
         assert push.returncode != 0, message
         print(f"\npush cut by the server going down: exit {push.returncode}\n{message.strip()}")
-        # DVC names each object it could not send, and why (asyncssh: "Connection not open").
-        assert re.search(r"failed to transfer '[0-9a-f]{32}'", message), message
+        # Where the connection drops during a transfer, DVC names each object it could not send, and why
+        # (asyncssh: "Connection not open"); where it drops while DVC makes the remote's folders for the
+        # next objects, DVC reports the lost connection itself. Which one depends on the moment.
+        assert re.search(r"failed to transfer '[0-9a-f]{32}'|unexpected error - .*Connection (lost|reset)", message), (
+            message
+        )
         everything = set(objects(trained / ".dvc" / "cache"))
         there = set(objects(remote))
         assert set() < there < everything  # some objects were sent, others not...

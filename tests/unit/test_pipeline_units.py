@@ -75,11 +75,13 @@ def test_the_schema_takes_datasets_and_presets_from_the_package():
     assert all(d in schema["properties"] for d in settings.dataset_names())
 
 
-def test_dvc_generates_every_miniature_and_nothing_else():
+def test_dvcs_miniature_stage_names_every_miniature_and_reads_datasets():
     """dvc.yaml's miniature stage lists the miniatures literally (a matrix over `datasets` would make a
-    release's folder a DVC output): the same names as the package's."""
+    release's folder a DVC output): the same names as the package's. It generates only those `datasets`
+    lists, so it depends on that key."""
     stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["miniature"]
     assert stage["matrix"]["dataset"] == MINIATURES
+    assert "datasets" in stage["params"][0]["config.yaml"]
 
 
 def test_a_datasets_recipe_takes_the_fields_conmh_train_can_change():
@@ -630,6 +632,24 @@ def test_miniature_is_generated_once_then_kept(tmp_path):
     assert steps.download(cfg, "yfcc-mini") == 0
     assert {p.name: p.stat().st_mtime_ns for p in data.iterdir()} == stamps
     assert manifest.stat().st_mtime_ns == manifest_stamp
+
+
+def test_dvcs_miniature_stage_generates_only_the_listed_miniatures(tmp_path):
+    """DVC's matrix names every miniature: a listed one is generated, any other gets an empty folder
+    (its stage's output), and nothing of a release is ever generated."""
+    raw = raw_config()
+    raw["datasets"] = ["yfcc-mini"]
+    raw["miniature"]["sizes"] = {"yfcc-mini": {"n_train": 40, "n_database": 30, "n_queries": 10, "feature_dim": 16}}
+    raw["paths"] = {k: str(tmp_path / k) for k in ("data", "work", "results", "logs")}
+    cfg = settings.check_config(raw)
+    assert steps.miniature(cfg, "yfcc-mini") == 0
+    listed = Path(settings.data_dir(cfg, "yfcc-mini"))
+    assert sorted(p.name for p in listed.iterdir()) == sorted(f for _, f, _ in get_layout("yfcc").all_files())
+    assert steps.miniature(cfg, "fcvid-mini") == 0
+    assert list(Path(settings.data_dir(cfg, "fcvid-mini")).iterdir()) == []
+    assert not Path(Layout.of(cfg).manifest("fcvid-mini")).exists()
+    with pytest.raises(ConfigError, match="not a miniature"):
+        steps.miniature(cfg, "fcvid")
 
 
 # --------------------------------------------------------------------------- report
