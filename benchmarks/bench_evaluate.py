@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_search import best_time, brute_force_ok, cpu_name, make_codes, same_neighbours, searcher  # noqa: E402
 
 from conmh.codes import Codes, pack_bits, write_codes  # noqa: E402
+from conmh.machine import cpu_info  # noqa: E402
 
 SHAPES = {  # name: (database, queries (0: the database), classes)
     "FCVID": (45_600, 0, 239),
@@ -54,11 +55,9 @@ SHAPES = {  # name: (database, queries (0: the database), classes)
 
 def cpu_features() -> str:
     """CPU family/model and the widest SIMD the kernels can use, from /proc/cpuinfo."""
-    try:
-        info = Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines()
-    except OSError:
+    fields = cpu_info()
+    if not fields:
         return ""
-    fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in info[:30])}
     flags = set(fields.get("flags", "").split())
     simd = "AVX-512" + (" with VPOPCNTDQ" if "avx512_vpopcntdq" in flags else "") if "avx512f" in flags else ""
     simd = simd or ("AVX2" if "avx2" in flags else "no AVX2")

@@ -70,6 +70,7 @@ import yaml
 
 from conmh.atomic import write_text_atomic
 from conmh.errors import ConMHError
+from conmh.machine import cpu_info, cpu_model
 from conmh.recipes import Recipe, get_recipe
 from conmh.synthetic import MINIATURE_DEFAULTS, MiniatureSpec
 
@@ -368,17 +369,9 @@ def summarise(rows: list[dict], ks: tuple[int, ...] = TABLE_KS) -> dict:
 
 def cpu_name() -> str:
     """The CPU's model name and whether it has bf16 matrix instructions (from /proc/cpuinfo)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text(encoding="utf-8")
-    except OSError:
-        return platform.processor() or platform.machine()
-    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in info.splitlines() if ":" in line)}
-    flags = set(fields.get("flags", "").split())
+    flags = set(cpu_info().get("flags", "").split())
     bf16 = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
-    return (
-        f"{fields.get('model name', platform.machine())}, {os.cpu_count()} logical CPUs, "
-        f"bf16 instructions: {', '.join(bf16) or 'none'}"
-    )
+    return f"{cpu_model()}, {os.cpu_count()} logical CPUs, bf16 instructions: {', '.join(bf16) or 'none'}"
 
 
 def describe(name: str, plan: dict) -> str:
