@@ -34,6 +34,15 @@ def raw_config() -> dict:
     return yaml.safe_load((ROOT / "config.yaml").read_text())
 
 
+def checked_in(raw: dict, folder: Path) -> dict:
+    """``raw`` checked, with the pipeline's data, work, results and logs in ``folder``."""
+    raw["paths"] = {k: str(folder / k) for k in ("data", "work", "results", "logs")}
+    return settings.check_config(raw)
+
+
+TINY_YFCC = {"n_train": 40, "n_database": 30, "n_queries": 10, "feature_dim": 16}  # miniature sizes
+
+
 # --------------------------------------------------------------------------- config
 
 
@@ -617,11 +626,8 @@ def test_sums_of_files_outside_the_release_are_refused(tmp_path):
 
 def test_miniature_is_generated_once_then_kept(tmp_path):
     raw = raw_config()
-    raw["miniature"].update(
-        seed=3, sizes={"yfcc-mini": {"n_train": 40, "n_database": 30, "n_queries": 10, "feature_dim": 16}}
-    )
-    raw["paths"] = {k: str(tmp_path / k) for k in ("data", "work", "results", "logs")}
-    cfg = settings.check_config(raw)
+    raw["miniature"].update(seed=3, sizes={"yfcc-mini": TINY_YFCC})
+    cfg = checked_in(raw, tmp_path)
     data, manifest = Path(settings.data_dir(cfg, "yfcc-mini")), Path(Layout.of(cfg).manifest("yfcc-mini"))
     assert steps.download(cfg, "yfcc-mini") == 0
     first = json.loads(manifest.read_text())
@@ -639,9 +645,8 @@ def test_dvcs_miniature_stage_generates_only_the_listed_miniatures(tmp_path):
     (its stage's output), and nothing of a release is ever generated."""
     raw = raw_config()
     raw["datasets"] = ["yfcc-mini"]
-    raw["miniature"]["sizes"] = {"yfcc-mini": {"n_train": 40, "n_database": 30, "n_queries": 10, "feature_dim": 16}}
-    raw["paths"] = {k: str(tmp_path / k) for k in ("data", "work", "results", "logs")}
-    cfg = settings.check_config(raw)
+    raw["miniature"]["sizes"] = {"yfcc-mini": TINY_YFCC}
+    cfg = checked_in(raw, tmp_path)
     assert steps.miniature(cfg, "yfcc-mini") == 0
     listed = Path(settings.data_dir(cfg, "yfcc-mini"))
     assert sorted(p.name for p in listed.iterdir()) == sorted(f for _, f, _ in get_layout("yfcc").all_files())
@@ -759,8 +764,7 @@ def test_paper_table_csv_is_the_table_of_docs_reference():
 def test_report_writes_tables_figures_metrics_and_plots(tmp_path):
     raw = raw_config()
     raw.update(datasets=["activitynet-mini"], bits=[16, 64])
-    raw["paths"] = {k: str(tmp_path / k) for k in ("data", "work", "results", "logs")}
-    cfg = settings.check_config(raw)
+    cfg = checked_in(raw, tmp_path)
     lay = Layout.of(cfg)
     for d, b in settings.runs(cfg):
         for method, value in (("conmh", 0.5), ("lsh", 0.2), ("itq", 0.3)):
